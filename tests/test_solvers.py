@@ -271,3 +271,16 @@ def test_gate_reduces_to_identity_without_constraint():
     K = _keys(d_k, 4, 40)
     Y, G = s.solve(K)
     torch.testing.assert_close(G, torch.eye(4, dtype=F64), rtol=0, atol=1e-8)
+
+
+def test_alphaedit_float32_solve_close_to_float64():
+    C, _ = _alphaedit_setup()
+    K = _keys(C.shape[0], 3, 50)
+    s64 = NullSpaceSolver(C, lam=10.0)
+    s32 = NullSpaceSolver(C.float(), lam=10.0, dtype=torch.float32)
+    for s in (s64, s32):
+        s.add_history(_keys(C.shape[0], 5, 51))
+    (Y64, G64), (Y32, G32) = s64.solve(K), s32.solve(K)
+    assert Y64.dtype == Y32.dtype == torch.float32 and s32.L_A.dtype == torch.float32
+    torch.testing.assert_close(Y32, Y64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(G32, G64, rtol=1e-4, atol=1e-5)
