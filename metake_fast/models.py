@@ -82,6 +82,27 @@ class ModelAdapter:
         emb = model.get_input_embeddings()
         return emb is not None and emb.weight is self.unembedding(model).weight
 
+    def logit_softcap(self, model: nn.Module) -> float | None:
+        """The final logit soft-capping ``c`` (Gemma 2/3: ``logits = c·tanh(logits/c)``), or None.
+
+        ``unembedding(norm(h))`` gives the logits *before* this cap; apply
+        :meth:`logits` to get what the model returns.
+        """
+        config = getattr(model, "config", None)
+        if config is None:
+            return None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cap = getattr(text, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from a final-layer hidden state *before* the final norm."""
+        out = self.unembedding(model)(self.norm(model)(hidden))
+        cap = self.logit_softcap(model)
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
 
 def _getattr_path(obj, path: str):
     for part in path.split("."):
@@ -110,25 +131,38 @@ _LLAMA_LIKE = ModelAdapter(
     lm_head="lm_head",
 )
 
+#: Gemma 3 checkpoints (``model_type == "gemma3"``) load as ``Gemma3ForConditionalGeneration``,
+#: whose text decoder sits under ``model.language_model``.
+_GEMMA3_MULTIMODAL = ModelAdapter(
+    model_types=("gemma3",),
+    layers="model.language_model.layers",
+    mlp_out="mlp.down_proj",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+)
+
 ADAPTERS: tuple[ModelAdapter, ...] = (
     ModelAdapter(("gpt2",), "transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", transposed=True),
     ModelAdapter(("gptj",), "transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head"),
+    # transformers >= 5 calls GPT-NeoX's unembedding ``lm_head``; 4.x called it ``embed_out``
+    ModelAdapter(("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head"),
     ModelAdapter(("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"),
     _LLAMA_LIKE,
+    _GEMMA3_MULTIMODAL,
 )
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model`` (by ``config.model_type``)."""
+    """The adapter for ``model`` (by ``config.model_type``, then by which module paths exist)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            if model_type == "gemma3" and not hasattr(model, "model") or not _has_path(model, adapter.layers):
-                break
+        if model_type in adapter.model_types and all(
+            _has_path(model, p) for p in (adapter.layers, adapter.final_norm, adapter.lm_head)
+        ):
             return adapter
     raise ModelError(
         f"unsupported architecture {model_type!r} ({type(model).__name__}); supported: "
-        + ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
+        + ", ".join(sorted({t for a in ADAPTERS for t in a.model_types}))
     )
 
 
