@@ -113,7 +113,7 @@ class EvalCase:
 
 
 def resolve_dataset(path_or_name: str | os.PathLike[str]) -> Path:
-    """A file path, or the shipped file for a name in :data:`DATASET_NAMES`."""
+    """A file path, or the shipped file for a name in :data:`DATASET_NAMES` (an existing path wins)."""
     if not isinstance(path_or_name, (str, os.PathLike)):
         raise DatasetError(f"expected a path or dataset name, got {type(path_or_name).__name__}")
     p = Path(path_or_name).expanduser()
