@@ -32,7 +32,7 @@ def corpus_lines(n: int = 300) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer():
     """A ``PreTrainedTokenizerFast`` (byte-level BPE) with pad/bos/eos/unk tokens; no BOS added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
