@@ -3,9 +3,59 @@
 Importing this package never imports Triton; kernels are loaded lazily by
 :func:`register_triton_kernels` (CUDA) or directly by tests under
 ``TRITON_INTERPRET=1`` (CPU).
+
+Modules (each imports Triton)
+    ``second_moment_accumulate``  ``S += X[mask]ᵀ X[mask]`` (lower-triangle tiles, mirrored)
+    ``apply_update``              ``W += R Yᵀ`` in place, both orientations
+    ``fused_target_logprob``      target log-prob with online log-sum-exp, and its backward
 """
+
+from __future__ import annotations
+
+#: op name -> (kernel module, launcher) registered for CUDA
+TRITON_OPS: dict[str, tuple[str, str]] = {
+    "second_moment_accumulate": ("second_moment_accumulate", "second_moment_accumulate"),
+    "apply_update_": ("apply_update", "apply_update_"),
+    "fused_target_logprob": ("fused_target_logprob", "fused_target_logprob"),
+    "fused_target_logprob_backward": ("fused_target_logprob", "fused_target_logprob_backward"),
+}
+
+PROVIDER = "Triton"
+
+_LIB = None  # the torch.library.Library holding the CUDA registrations (kept alive)
+
+
+def load_launchers() -> dict:
+    """``{op name: host launcher}`` (imports Triton and the kernel modules)."""
+    import importlib
+
+    out = {}
+    for name, (module, fn) in TRITON_OPS.items():
+        out[name] = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+    return out
 
 
 def register_triton_kernels() -> None:
-    """Register the Triton kernels for the ``CUDA`` dispatch key (no-op when none exist yet)."""
+    """Register the Triton kernels for the ``CUDA`` dispatch key (idempotent).
+
+    Raises ``ImportError`` when Triton is missing; registers nothing for an op
+    whose CUDA kernel is already taken by another provider (the C++/CUDA
+    extension registers first and wins).
+    """
+    global _LIB
+    if _LIB is not None:
+        return None
+    import torch
+
+    import metake_fast.ops  # noqa: F401  (declares the ops)
+    from metake_fast.ops.registry import NAMESPACE, _has_kernel, register_provider
+
+    launchers = load_launchers()
+    lib = torch.library.Library(NAMESPACE, "IMPL")
+    for name, fn in launchers.items():
+        if _has_kernel(name, "CUDA"):
+            continue
+        lib.impl(name, fn, "CUDA")
+        register_provider(name, "CUDA", PROVIDER)
+    _LIB = lib
     return None
