@@ -300,3 +300,19 @@ def test_register_triton_kernels():
     for name in pkg.TRITON_OPS:
         assert backends[name]["cuda"] in ("Triton", PROVIDERS.get((name, "CUDA")))
         assert backends[name]["cpu"] != "Triton"
+
+
+def test_bench_harness_smoke():
+    """``bench/bench_triton.py --smoke`` runs every case on tiny CPU shapes under the interpreter."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_triton.py"), "--smoke", "--no-save", "--reps", "1"],
+        check=True,
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    for op in ("second_moment_accumulate", "apply_update_", "fused_target_logprob", "fused_target_logprob_backward"):
+        assert op in out
