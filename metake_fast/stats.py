@@ -333,7 +333,8 @@ def second_moment(
     batch_tokens: padded tokens per forward batch (memory knob; does not change the key).
     dtype:      accumulation dtype, float32 or float64 (``"fp32"``/``"fp64"``).
     cache:      True (``cache_dir()/stats``), a directory (``<dir>/stats``), or False.
-    checkpoint_every: write partial checkpoints every this many tokens (None: never).
+    checkpoint_every: with a cache, write partial checkpoints every this many tokens
+                (None: never); an interrupted pass resumes from the last one.
     """
     adapter = get_adapter(model)
     layer_list = _parse_layers(layers, adapter.num_layers(model))
