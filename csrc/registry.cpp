@@ -1,10 +1,13 @@
 // Python module metake_fast._C: importing it runs the static TORCH_LIBRARY_IMPL
 // registrations of every kernel file; registered_kernels() lists them.
-#include <torch/extension.h>
-
+// Without TORCH_EXTENSION_NAME (CMake build) only the record list is compiled.
 #include <tuple>
 
 #include "common.h"
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+#endif
 
 namespace metake_fast {
 

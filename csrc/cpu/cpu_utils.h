@@ -1,8 +1,8 @@
 // Small vectorisable helpers for the CPU kernels.
 //
 // setup.py compiles for a conservative baseline ISA (x86-64-v2), so the hot
-// loops are multi-versioned with GCC/Clang target_clones: the loader picks
-// the AVX-512 / AVX2+FMA clone at run time.
+// loops are multi-versioned with GCC target_clones (on the definitions in
+// cpu_utils.cpp only): the loader picks the AVX-512 / AVX2+FMA clone at run time.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -59,8 +59,8 @@ inline float to_float(c10::BFloat16 v) {
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
 // Convert n contiguous values to float / double (vectorisable for bf16/fp32).
-MKF_MULTIVERSION void convert_to_f32(const c10::BFloat16* src, float* dst, int64_t n);
-MKF_MULTIVERSION void convert_to_f32(const c10::Half* src, float* dst, int64_t n);
+void convert_to_f32(const c10::BFloat16* src, float* dst, int64_t n);
+void convert_to_f32(const c10::Half* src, float* dst, int64_t n);
 void convert_to_f32(const float* src, float* dst, int64_t n);
 void convert_to_f32(const double* src, float* dst, int64_t n);
 template <typename T>
@@ -72,12 +72,11 @@ inline void convert_to_f64(const double* src, double* dst, int64_t n) { std::mem
 // Online log-sum-exp update of rows of a logits tile.
 // L: rows x cols (row stride ld). For each row i, (m[i], s[i]) holds the running
 // max and sum of exp(x - m[i]); they are updated to include the tile.
-MKF_MULTIVERSION void lse_update_rows(const float* L, int64_t rows, int64_t cols, int64_t ld, float* m, float* s);
+void lse_update_rows(const float* L, int64_t rows, int64_t cols, int64_t ld, float* m, float* s);
 void lse_update_rows(const double* L, int64_t rows, int64_t cols, int64_t ld, double* m, double* s);
 
 // In place: L[i][j] = exp(L[i][j] - lse[i]) * g[i].
-MKF_MULTIVERSION void softmax_scale_rows(float* L, int64_t rows, int64_t cols, int64_t ld, const float* lse,
-                                         const float* g);
+void softmax_scale_rows(float* L, int64_t rows, int64_t cols, int64_t ld, const float* lse, const float* g);
 void softmax_scale_rows(double* L, int64_t rows, int64_t cols, int64_t ld, const double* lse, const double* g);
 
 }  // namespace cpu
