@@ -56,13 +56,17 @@ void triangle_update(const at::Tensor& Sw, const at::Tensor& Xc, int64_t block) 
       const int64_t r0 = bi * block, rb = std::min(block, d - r0);
       const int64_t c0 = bj * block, cb = std::min(block, d - c0);
       at::Tensor xi = Xc.narrow(1, r0, rb), xj = Xc.narrow(1, c0, cb);
-      if (bi == bj) {
-        Sw.narrow(0, r0, rb).narrow(1, c0, cb).addmm_(xi.t(), xj);
-        continue;
-      }
       at::Tensor D = buf.narrow(0, 0, rb).narrow(1, 0, cb);
       at::mm_out(D, xi.t(), xj);
       const acc_t* dp = D.const_data_ptr<acc_t>();
+      if (bi == bj) {  // both halves of a diagonal tile take the lower value: exact symmetry
+        for (int64_t i = 0; i < rb; ++i) {
+          acc_t* row = sp + (r0 + i) * d + c0;
+          for (int64_t j = 0; j <= i; ++j) row[j] += dp[i * block + j];
+          for (int64_t j = i + 1; j < cb; ++j) row[j] += dp[j * block + i];
+        }
+        continue;
+      }
       for (int64_t i = 0; i < rb; ++i) {  // lower tile: S[r0+i, c0+j] += D[i, j]
         acc_t* row = sp + (r0 + i) * d + c0;
         const acc_t* drow = dp + i * block;
