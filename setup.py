@@ -41,9 +41,7 @@ def extensions():
     include_dirs = [os.path.join(here, "csrc")]
     if with_cuda:
         archs = os.environ.get("METAKE_FAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc = ["-O3", "--use_fast_math", "-std=c++17"] + [
-            f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a
-        ]
+        nvcc = ["-O3", "--use_fast_math", "-std=c++17"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         ext = CUDAExtension(
             "metake_fast._C",
             cpu_sources + cuda_sources,

@@ -206,8 +206,14 @@ def weights_fingerprint(model: nn.Module, max_layer: int | None = None) -> str:
 # loading
 # ---------------------------------------------------------------------------
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 SMOLLM2 = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -282,8 +288,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def load_model(name_or_path: str | os.PathLike = SMOLLM2, dtype="fp32", device: str | torch.device = "cpu",
-               device_map=None):
+def load_model(
+    name_or_path: str | os.PathLike = SMOLLM2, dtype="fp32", device: str | torch.device = "cpu", device_map=None
+):
     """Load ``(model, tokenizer)`` in eval mode with gradients off.
 
     ``name_or_path``: ``"smollm2-135m"`` (the default model, from the

@@ -178,8 +178,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
 std::tuple<at::Tensor, at::Tensor> fused_target_logprob_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                                             const at::Tensor& targets, int64_t chunk) {
   check_common(hidden, weight, targets, chunk, "fused_target_logprob");
-  if (hidden.scalar_type() == at::kDouble) return forward_impl<double>(hidden, weight, targets, chunk);
-  return forward_impl<float>(hidden, weight, targets, chunk);
+  // The autograd formula is registered in Python; the kernel works on detached views so that
+  // ATen calls made from OpenMP worker threads (where the dispatcher's below-autograd state
+  // is not set) never see tensors that require grad.
+  const at::Tensor h = hidden.detach(), w = weight.detach();
+  if (h.scalar_type() == at::kDouble) return forward_impl<double>(h, w, targets, chunk);
+  return forward_impl<float>(h, w, targets, chunk);
 }
 
 template <typename acc_t>
@@ -271,9 +275,9 @@ std::tuple<at::Tensor, at::Tensor> fused_target_logprob_backward_cpu(const at::T
   check_common(hidden, weight, targets, chunk, "fused_target_logprob_backward");
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == hidden.size(0) && lse.dim() == 1 && lse.size(0) == hidden.size(0),
               "fused_target_logprob_backward: grad and lse must be (", hidden.size(0), ",)");
-  if (hidden.scalar_type() == at::kDouble)
-    return backward_impl<double>(grad, hidden, weight, targets, lse, chunk, weight_grad);
-  return backward_impl<float>(grad, hidden, weight, targets, lse, chunk, weight_grad);
+  const at::Tensor g = grad.detach(), h = hidden.detach(), w = weight.detach(), l = lse.detach();
+  if (h.scalar_type() == at::kDouble) return backward_impl<double>(g, h, w, targets, l, chunk, weight_grad);
+  return backward_impl<float>(g, h, w, targets, l, chunk, weight_grad);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@ the compiled providers that exist (C++ extension, Triton), unless
 from __future__ import annotations
 
 from .apply_update import apply_update_, apply_update_reference
+from .backends import load_backends
 from .fused_target_logprob import (
     fused_target_logprob,
     target_logprob_backward_reference,
@@ -15,7 +16,6 @@ from .fused_target_logprob import (
 )
 from .registry import OPS, format_backends, reference_forced, resolved_backends
 from .second_moment_accumulate import second_moment_accumulate, second_moment_accumulate_reference
-from .backends import load_backends
 
 load_backends()
 

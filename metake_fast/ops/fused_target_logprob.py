@@ -96,22 +96,20 @@ define_op("fused_target_logprob_backward", BWD_SCHEMA, target_logprob_backward_r
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, chunk = inputs
     ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.chunk = chunk
 
 
 def _backward(ctx, grad_logprob, grad_lse):
     hidden, weight, targets, lse = ctx.saved_tensors
-    if grad_lse is not None:
-        raise RuntimeError("fused_target_logprob: the lse output is not differentiable")
+    # ``lse`` is marked non-differentiable: its incoming gradient is ignored.
     gh, gw = torch.ops.metake_fast.fused_target_logprob_backward(
         grad_logprob.contiguous(), hidden, weight, targets, lse, ctx.chunk, ctx.needs_input_grad[1]
     )
     return (gh if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), None, None
 
 
-torch.library.register_autograd(
-    "metake_fast::fused_target_logprob", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("metake_fast::fused_target_logprob", _backward, setup_context=_setup_context)
 
 
 def fused_target_logprob(

@@ -1,0 +1,52 @@
+"""Context templates: the bare prompt plus short model-generated prefixes.
+
+As in MEMIT, keys and targets are averaged over ``"{}"`` (the bare prompt) and
+``count`` prefixes of ``length`` tokens sampled from the model itself (top-k
+sampling from a fixed seed, so the result is deterministic), each ending in
+``". {}"``. Results are cached per model object and settings.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .runner import encode, model_device
+
+START_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def generate_prefixes(model, tok, count: int = 5, length: int = 10, seed: int = 0, top_k: int = 5) -> list[str]:
+    """``count`` short texts sampled from the model (seeded top-k sampling, no KV cache needed)."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = model_device(model)
+    out = []
+    for i in range(count):
+        ids = encode(tok, START_WORDS[i % len(START_WORDS)])
+        n0 = len(ids)
+        for _ in range(length):
+            logits = model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0, -1].float().cpu()
+            k = min(top_k, logits.shape[0])
+            vals, idx = logits.topk(k)
+            probs = torch.softmax(vals, -1)
+            ids.append(int(idx[torch.multinomial(probs, 1, generator=gen)]))
+        text = tok.decode(ids[n0 - 1 :] if n0 else ids, skip_special_tokens=True)
+        out.append(text)
+    return out
+
+
+def context_templates(model, tok, count: int = 5, length: int = 10, seed: int = 0) -> list[list[str]]:
+    """``[["{}"], [prefix_1 + ". {}", ...]]`` (groups averaged equally)."""
+    if count <= 0:
+        return [["{}"]]
+    key = (id(tok), count, length, seed)
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        prefixes = generate_prefixes(model, tok, count, length, seed)
+        clean = [p.replace("{", " ").replace("}", " ").strip() for p in prefixes]
+        per_model[key] = [["{}"], [c + ". {}" for c in clean]]
+    return per_model[key]

@@ -1,0 +1,317 @@
+"""Typed hyperparameters per method, YAML files per method and model, validated on load.
+
+Files live in ``metake_fast/hparams/<method>/<model>.yaml``. EasyEdit field
+names are accepted (``layers``, ``v_num_grad_steps``, ``v_lr``,
+``clamp_norm_factor``, ``kl_factor``, ``mom2_update_weight``,
+``nullspace_threshold``, ``L2``, ``mom2_n_samples``, ...); unknown fields,
+wrong types, NaN/inf and out-of-range values are errors naming the field.
+
+For a model without a file, :func:`default_layers` picks the edited layers by
+a rule that works from 2-layer test models to 80-layer models: a band of up to
+five consecutive layers ending at ~27% of the depth (Llama-3-8B: 4-8, GPT-J
+3-8 in the published settings), leaving at least one layer above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+METHODS = ("rome", "memit", "alphaedit", "metake")
+
+
+class HParamsError(ValueError):
+    """Invalid hyperparameters (the message names the field)."""
+
+
+@dataclass
+class EditHParams:
+    """Settings shared by every method.
+
+    layers: edited layers (ascending). Targets are optimised at the last one.
+    v_num_grad_steps / v_lr / v_weight_decay / clamp_norm_factor / kl_factor:
+        target optimisation (METHOD.md "Target (z) optimisation").
+    early_stop_nll: a request stops optimising once its mean target NLL is below this.
+    context_template_count / context_template_length: generated context prefixes.
+    stats_tokens / stats_max_length / stats_dtype: key second-moment statistics.
+    solve_dtype: float64 or float32 for the closed-form solves.
+    target_chunk_tokens: tokens per target-optimisation chunk (bounds memory).
+    """
+
+    layers: list[int] = field(default_factory=list)
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_nll: float = 5e-2
+    context_template_count: int = 5
+    context_template_length: int = 10
+    stats_tokens: int = 100_000
+    stats_max_length: int = 512
+    stats_dtype: str = "float32"
+    solve_dtype: str = "float64"
+    target_chunk_tokens: int = 6144
+
+    method = "base"
+
+
+@dataclass
+class RomeHParams(EditHParams):
+    """ROME: one layer, rank one per request (requests of a batch applied in sequence)."""
+
+    method = "rome"
+
+
+@dataclass
+class MemitHParams(EditHParams):
+    """MEMIT: ``mom2_update_weight`` is λ in ``(λC + KKᵀ)`` with C the per-token mean second moment."""
+
+    mom2_update_weight: float = 15000.0
+    method = "memit"
+
+
+@dataclass
+class AlphaEditHParams(EditHParams):
+    """AlphaEdit: null space of C (eigenvalues below ``nullspace_threshold``), ``L2`` = λ_a."""
+
+    nullspace_threshold: float = 2e-2
+    L2: float = 10.0
+    method = "alphaedit"
+
+
+@dataclass
+class MetaKEHParams(AlphaEditHParams):
+    """MetaKE upper level (METHOD.md "Upper level"): outer steps on the planned residual against the
+    virtual post-edit hidden state ``H + R G``.
+
+    outer_steps / outer_lr: Adam steps of the upper level.
+    gamma / omega: regulariser weight and form (``"norm"``: ‖R_i‖/‖h_i‖², ``"adaptive"``: weighted by 1 - g_ii).
+    gate: ``"full"`` (u×u G) or ``"diag"``.
+    outer_kl: include the essence KL term in F.
+    gate_layers: ``"last"`` (the adopted proxy) or ``"product"`` (product of per-layer gates).
+    base_solver: ``"alphaedit"`` or ``"memit"`` for the gate and the final write.
+    """
+
+    outer_steps: int = 10
+    outer_lr: float = 0.2
+    gamma: float = 1e-3
+    omega: str = "norm"
+    gate: str = "full"
+    outer_kl: bool = True
+    gate_layers: str = "last"
+    base_solver: str = "alphaedit"
+    mom2_update_weight: float = 15000.0
+    method = "metake"
+
+
+HPARAM_CLASSES: dict[str, type[EditHParams]] = {
+    "rome": RomeHParams,
+    "memit": MemitHParams,
+    "alphaedit": AlphaEditHParams,
+    "metake": MetaKEHParams,
+}
+
+#: EasyEdit / reference-code names -> our field names
+ALIASES = {
+    "mom2_n_samples": "stats_tokens",
+    "mom2_dtype": "stats_dtype",
+    "lr": "v_lr",
+    "num_steps": "v_num_grad_steps",
+}
+
+#: EasyEdit fields that have no meaning here and are accepted but ignored
+IGNORED = {
+    "alg_name",
+    "model_name",
+    "device",
+    "model_parallel",
+    "fact_token",
+    "v_loss_layer",
+    "rewrite_module_tmp",
+    "layer_module_tmp",
+    "mlp_module_tmp",
+    "attn_module_tmp",
+    "ln_f_module",
+    "lm_head_module",
+    "mom2_dataset",
+    "layer_selection",
+    "stats_dir",
+    "max_length",
+}
+
+_CHOICES = {
+    "stats_dtype": ("float32", "float64"),
+    "solve_dtype": ("float32", "float64"),
+    "omega": ("norm", "adaptive"),
+    "gate": ("full", "diag"),
+    "gate_layers": ("last", "product"),
+    "base_solver": ("alphaedit", "memit"),
+}
+_POSITIVE = {
+    "v_lr",
+    "clamp_norm_factor",
+    "stats_tokens",
+    "stats_max_length",
+    "target_chunk_tokens",
+    "mom2_update_weight",
+    "L2",
+    "nullspace_threshold",
+    "outer_lr",
+}
+_NONNEG = {
+    "v_num_grad_steps",
+    "v_weight_decay",
+    "kl_factor",
+    "early_stop_nll",
+    "context_template_count",
+    "context_template_length",
+    "outer_steps",
+    "gamma",
+}
+
+
+def default_layers(num_layers: int, method: str = "memit") -> list[int]:
+    """The documented layer rule (see the module docstring); ROME gets the last layer of the band."""
+    if num_layers <= 0:
+        raise HParamsError("the model has no decoder layers")
+    m = max(1, min(5, num_layers // 6))
+    end = max(0, min(num_layers - 2, round(0.27 * num_layers))) if num_layers >= 2 else 0
+    start = max(0, end - m + 1)
+    layers = list(range(start, end + 1))
+    return layers[-1:] if method == "rome" else layers
+
+
+def _coerce(name: str, typ, value):
+    if isinstance(typ, str):
+        typ = {"int": int, "float": float, "str": str, "bool": bool, "list[int]": list}.get(typ, typ)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise HParamsError(f"hparams field {name!r}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and (not math.isfinite(value) or value != int(value)))
+        ):
+            raise HParamsError(f"hparams field {name!r}: expected an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise HParamsError(f"hparams field {name!r}: expected a finite number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise HParamsError(f"hparams field {name!r}: expected a string, got {value!r}")
+        return value
+    if typ is list:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise HParamsError(f"hparams field {name!r}: expected a list of layer indices, got {value!r}")
+        return sorted(set(int(v) for v in value))
+    return value
+
+
+def make_hparams(method: str, values: dict | None = None, *, num_layers: int | None = None) -> EditHParams:
+    """Build and validate the dataclass for ``method`` from a dict (EasyEdit names accepted)."""
+    method = str(method).lower()
+    if method not in HPARAM_CLASSES:
+        raise HParamsError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cls = HPARAM_CLASSES[method]
+    types = {f.name: f.type for f in fields(cls)}
+    kwargs = {}
+    for key, value in (values or {}).items():
+        name = ALIASES.get(key, key)
+        if name in IGNORED:
+            continue
+        if name not in types:
+            raise HParamsError(f"unknown hparams field {key!r} for method {method!r}")
+        if value is None:
+            raise HParamsError(f"hparams field {key!r} is empty")
+        kwargs[name] = _coerce(name, types[name], value)
+    hp = cls(**kwargs)
+    validate_hparams(hp, num_layers=num_layers)
+    return hp
+
+
+def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditHParams:
+    for name in _POSITIVE:
+        if hasattr(hp, name) and not getattr(hp, name) > 0:
+            raise HParamsError(f"hparams field {name!r} must be > 0, got {getattr(hp, name)!r}")
+    for name in _NONNEG:
+        if hasattr(hp, name) and not getattr(hp, name) >= 0:
+            raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(hp, name)!r}")
+    for name, choices in _CHOICES.items():
+        if hasattr(hp, name) and getattr(hp, name) not in choices:
+            raise HParamsError(f"hparams field {name!r} must be one of {choices}, got {getattr(hp, name)!r}")
+    if num_layers is not None:
+        bad = [layer for layer in hp.layers if not 0 <= layer < num_layers]
+        if bad:
+            raise HParamsError(f"hparams field 'layers': {bad} out of range for a model with {num_layers} layers")
+    if hp.method == "rome" and len(hp.layers) > 1:
+        raise HParamsError(f"ROME edits one layer; got layers {hp.layers}")
+    return hp
+
+
+def _package_file(method: str, model: str) -> Path | None:
+    try:
+        p = resources.files("metake_fast") / "hparams" / method / f"{model}.yaml"
+        return Path(str(p)) if p.is_file() else None
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+def load_hparams(
+    method: str,
+    model_name: str | None = None,
+    path: str | Path | None = None,
+    *,
+    num_layers: int | None = None,
+    overrides: dict | None = None,
+) -> EditHParams:
+    """Hyperparameters for ``method``: from ``path`` if given, else the shipped file for
+    ``model_name`` if there is one, else defaults with :func:`default_layers`; then ``overrides``."""
+    values: dict = {}
+    if path is not None:
+        values = read_yaml(path)
+    elif model_name is not None and (f := _package_file(str(method).lower(), str(model_name).lower())):
+        values = read_yaml(f)
+    values = {**values, **(overrides or {})}
+    hp = make_hparams(method, values, num_layers=num_layers)
+    if not hp.layers:
+        if num_layers is None:
+            raise HParamsError("no layers given and the model's depth is unknown")
+        hp.layers = default_layers(num_layers, hp.method)
+    return hp
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise HParamsError(f"cannot read hparams file {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HParamsError(f"hparams file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HParamsError(f"hparams file {p} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def to_dict(hp: EditHParams) -> dict:
+    d = dataclasses.asdict(hp)
+    d["method"] = hp.method
+    return d

@@ -1,0 +1,97 @@
+"""Edit keys (the edited module's input at the subject's last token, averaged over context
+templates) and the residual stream at the subject, read in one forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .models import ModelAdapter
+from .requests import EditRequest
+from .runner import _StopForward, make_batch, model_device, pad_id, subject_last_index
+
+
+def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]):
+    seqs, cols, weights, owner, bare = [], [], [], [], []
+    ngroups = len(templates)
+    for i, req in enumerate(requests):
+        for g, group in enumerate(templates):
+            for c, ctx in enumerate(group):
+                ids, idx = subject_last_index(tok, ctx.replace("{}", req.template(), 1), req.subject)
+                if g == 0 and c == 0:
+                    bare.append(len(seqs))
+                seqs.append(ids)
+                cols.append(idx)
+                weights.append(1.0 / (ngroups * len(group)))
+                owner.append(i)
+    return seqs, cols, weights, owner, bare
+
+
+@torch.no_grad()
+def keys_and_residual(
+    model,
+    tok,
+    adapter: ModelAdapter,
+    requests: Sequence[EditRequest],
+    key_layer: int | None,
+    out_layer: int | None,
+    templates: list[list[str]],
+    batch_rows: int = 256,
+):
+    """``(K, H)`` on the model as it is now, from one forward pass per ``batch_rows`` sequences.
+
+    K: (d_k, u) float32 keys at ``key_layer`` (mean over each template group, groups
+       weighted equally; MEMIT: half the bare prompt, half the generated prefixes), or None.
+    H: (d_v, u) float32 residual stream after ``out_layer`` at the subject's last token of
+       the first template (``templates[0][0]``, the bare prompt ``"{}"``), or None.
+    The pass stops after the deeper of the two layers.
+    """
+    seqs, cols, weights, owner, bare = _layout(tok, requests, templates)
+    dev = model_device(model)
+    u = len(requests)
+    w = torch.tensor(weights)
+    own = torch.tensor(owner)
+    is_bare = torch.zeros(len(seqs), dtype=torch.bool)
+    is_bare[bare] = True
+    K = H = None
+    last = max(x for x in (key_layer, out_layer) if x is not None)
+    for s in range(0, len(seqs), batch_rows):
+        part = seqs[s : s + batch_rows]
+        batch = make_batch(part, pad_id(tok), dev)
+        rows = torch.arange(len(part), device=dev)
+        c = torch.tensor(cols[s : s + batch_rows], device=dev)
+        got = {}
+
+        def key_hook(module, args):
+            got["k"] = args[0][rows, c].float().cpu()
+            if key_layer == last and (out_layer is None or out_layer < key_layer or "h" in got):
+                raise _StopForward
+
+        def out_hook(module, args, output):
+            hs = output[0] if isinstance(output, tuple) else output
+            got["h"] = hs[rows, c].float().cpu()
+            if out_layer == last and (key_layer is None or "k" in got):
+                raise _StopForward
+
+        handles = []
+        if key_layer is not None:
+            handles.append(adapter.edit_module(model, key_layer).register_forward_pre_hook(key_hook))
+        if out_layer is not None:
+            handles.append(adapter.decoder_layers(model)[out_layer].register_forward_hook(out_hook))
+        try:
+            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        sl = slice(s, s + len(part))
+        if key_layer is not None:
+            K = torch.zeros(u, got["k"].shape[1]) if K is None else K
+            K.index_add_(0, own[sl], got["k"] * w[sl, None])
+        if out_layer is not None:
+            H = torch.zeros(u, got["h"].shape[1]) if H is None else H
+            sel = is_bare[sl]
+            H[own[sl][sel]] = got["h"][sel]
+    return (K.T.contiguous().to(dev) if K is not None else None, H.T.contiguous().to(dev) if H is not None else None)
