@@ -61,11 +61,11 @@ class RequestReport:
         return self.p_true_post is None or self.p_new_post > self.p_true_post
 
 
-@dataclass
 def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+@dataclass
 class EditReport:
     """What :meth:`Editor.edit` did: per-request records, a time breakdown (seconds) and totals."""
 
