@@ -94,7 +94,9 @@ class MetaKEHParams(AlphaEditHParams):
     gamma / omega: regulariser weight and form (``"norm"``: ‖R_i‖/‖h_i‖², ``"adaptive"``: weighted by 1 - g_ii).
     gate: ``"full"`` (u×u G) or ``"diag"``.
     outer_kl: include the essence KL term in F.
-    gate_layers: ``"last"`` (the adopted proxy) or ``"product"`` (product of per-layer gates).
+    gate_layers: ``"last"`` (the adopted proxy), ``"product"`` (product of per-layer gates) or
+        ``"spread"`` (the gate of MEMIT's residual spreading over the layers; see :mod:`metake_fast.metake`).
+    outer_clamp_norm_factor: ``‖R_i‖ ≤ c·‖h_i‖`` during the outer loop.
     base_solver: ``"alphaedit"`` or ``"memit"`` for the gate and the final write.
     """
 
@@ -105,6 +107,7 @@ class MetaKEHParams(AlphaEditHParams):
     gate: str = "full"
     outer_kl: bool = True
     gate_layers: str = "last"
+    outer_clamp_norm_factor: float = 1.5
     base_solver: str = "alphaedit"
     mom2_update_weight: float = 15000.0
     method = "metake"
@@ -150,7 +153,7 @@ _CHOICES = {
     "solve_dtype": ("float32", "float64"),
     "omega": ("norm", "adaptive"),
     "gate": ("full", "diag"),
-    "gate_layers": ("last", "product"),
+    "gate_layers": ("last", "product", "spread"),
     "base_solver": ("alphaedit", "memit"),
 }
 _POSITIVE = {
@@ -163,6 +166,7 @@ _POSITIVE = {
     "L2",
     "nullspace_threshold",
     "outer_lr",
+    "outer_clamp_norm_factor",
 }
 _NONNEG = {
     "v_num_grad_steps",

@@ -227,69 +227,97 @@ def _chunks(tok, requests, templates, chunk_tokens: int) -> list[tuple[int, int]
     return out
 
 
-def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: TargetConfig, bar) -> TargetResult:
-    lay = _layout(tok, requests, templates)
-    run = _ChunkRunner(model, tok, adapter, lay, layer, cfg.prefix_cache)
-    dev = run.dev
-    u = len(requests)
-    norm = adapter.norm(model)
-    t_rows = torch.tensor(lay.tgt_rows, device=dev)
-    t_cols = run.hidden_cols(torch.tensor(lay.tgt_cols, device=dev), t_rows)
-    t_ids = torch.tensor(lay.tgt_ids, device=dev)
-    t_w = torch.tensor(lay.tgt_weight, device=dev)
-    t_own = run.owner[t_rows]
-    k_rows = torch.tensor(lay.kl_rows, device=dev)
-    k_cols = run.hidden_cols(torch.tensor(lay.kl_cols, device=dev), k_rows)
-    bare = torch.tensor(lay.bare_rows, device=dev)
+class ChunkProblem:
+    """The target loss of one chunk of requests as a function of the injected vectors.
 
+    ``losses(delta)`` returns per-request ``(nll, kl)`` (each (u,)) for ``delta``
+    (u, d_v) added after layer ``L`` at the subject's last token; differentiable in
+    ``delta``. ``h`` is the pre-edit residual at the subject (bare prompt).
+    """
+
+    def __init__(self, model, tok, adapter: ModelAdapter, requests, layer: int, templates, prefix_cache: bool = True):
+        lay = _layout(tok, requests, templates)
+        self.model, self.adapter = model, adapter
+        self.run = run = _ChunkRunner(model, tok, adapter, lay, layer, prefix_cache)
+        dev = self.dev = run.dev
+        self.u = len(requests)
+        self.norm = adapter.norm(model)
+        self.t_rows = torch.tensor(lay.tgt_rows, device=dev)
+        self.t_cols = run.hidden_cols(torch.tensor(lay.tgt_cols, device=dev), self.t_rows)
+        self.t_ids = torch.tensor(lay.tgt_ids, device=dev)
+        self.t_w = torch.tensor(lay.tgt_weight, device=dev)
+        self.t_own = run.owner[self.t_rows]
+        self.k_rows = torch.tensor(lay.kl_rows, device=dev)
+        self.k_cols = run.hidden_cols(torch.tensor(lay.kl_cols, device=dev), self.k_rows)
+        bare = torch.tensor(lay.bare_rows, device=dev)
+        with torch.no_grad():
+            hid, h_all = run.forward(None, capture_h=True)
+            self.kl_init = full_logprobs(model, adapter, self.norm(hid[self.k_rows, self.k_cols]))
+            lp0 = target_logprobs(model, adapter, self.norm(hid[self.t_rows, self.t_cols]), self.t_ids)
+            self.nll_init = torch.zeros(self.u, device=dev).index_add_(0, self.t_own, -lp0 * self.t_w)
+        self.h = h_all[bare]
+
+    def losses(self, delta: torch.Tensor, with_kl: bool = True):
+        hid, _ = self.run.forward(delta)
+        lp = target_logprobs(self.model, self.adapter, self.norm(hid[self.t_rows, self.t_cols]), self.t_ids)
+        nll = torch.zeros(self.u, device=self.dev, dtype=lp.dtype).index_add(0, self.t_own, -lp * self.t_w)
+        if not with_kl:
+            return nll, torch.zeros_like(nll)
+        kl_lp = full_logprobs(self.model, self.adapter, self.norm(hid[self.k_rows, self.k_cols]))
+        kl = (kl_lp.exp() * (kl_lp - self.kl_init)).sum(-1)  # KL(current ‖ initial), as in ROME
+        return nll, kl
+
+
+class MaskedAdam:
+    """Adam on a (u, d) parameter where each row has its own step count and can be frozen."""
+
+    def __init__(self, param: torch.Tensor, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+        self.p, self.lr, self.b1, self.b2, self.eps = param, lr, b1, b2, eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = torch.zeros(param.shape[0], device=param.device)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, active: torch.Tensor) -> None:
+        a = active[:, None]
+        self.t += active.float()
+        self.m.copy_(torch.where(a, self.b1 * self.m + (1 - self.b1) * grad, self.m))
+        self.v.copy_(torch.where(a, self.b2 * self.v + (1 - self.b2) * grad * grad, self.v))
+        tt = self.t.clamp_min(1)[:, None]
+        upd = self.lr * (self.m / (1 - self.b1**tt)) / ((self.v / (1 - self.b2**tt)).sqrt() + self.eps)
+        self.p -= torch.where(a, upd, torch.zeros_like(upd))
+
+
+def clamp_rows_(x: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale each row of ``x`` in place so that ``‖x_i‖ ≤ max_norm_i``."""
     with torch.no_grad():
-        hid, h_all = run.forward(None, capture_h=True)
-        kl_init = full_logprobs(model, adapter, norm(hid[k_rows, k_cols]))
-        lp0 = target_logprobs(model, adapter, norm(hid[t_rows, t_cols]), t_ids)
-        nll_init = torch.zeros(u, device=dev).index_add_(0, t_own, -lp0 * t_w)
-    h = h_all[bare]  # (u, d_v)
+        x *= (max_norm / x.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
+
+
+def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: TargetConfig, bar) -> TargetResult:
+    prob = ChunkProblem(model, tok, adapter, requests, layer, templates, cfg.prefix_cache)
+    u, h = prob.u, prob.h
     h_norm = h.norm(dim=1)
     max_norm = cfg.clamp_norm_factor * h_norm
-
-    d = h.shape[1]
-    delta = torch.zeros(u, d, device=dev, requires_grad=True)
-    m = torch.zeros(u, d, device=dev)
-    v = torch.zeros(u, d, device=dev)
-    t_step = torch.zeros(u, device=dev)
-    active = torch.ones(u, dtype=torch.bool, device=dev)
-    nll = nll_init.clone()
-    b1, b2, eps = 0.9, 0.999, 1e-8
+    delta = torch.zeros(u, h.shape[1], device=prob.dev, requires_grad=True)
+    opt = MaskedAdam(delta, cfg.lr)
+    active = torch.ones(u, dtype=torch.bool, device=prob.dev)
+    nll = prob.nll_init.clone()
     for _ in range(cfg.steps):
         active &= nll > cfg.early_stop_nll
         if not bool(active.any()):
             break
-        hid, _ = run.forward(delta)
-        lp = target_logprobs(model, adapter, norm(hid[t_rows, t_cols]), t_ids)
-        nll_req = torch.zeros(u, device=dev).index_add(0, t_own, -lp * t_w)
-        kl_lp = full_logprobs(model, adapter, norm(hid[k_rows, k_cols]))
-        kl_req = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)  # KL(current ‖ initial), as in ROME
+        nll_req, kl_req = prob.losses(delta, with_kl=cfg.kl_factor > 0)
         wd_req = cfg.weight_decay * delta.norm(dim=1) / h_norm.pow(2)
         loss = (nll_req + cfg.kl_factor * kl_req + wd_req)[active].sum()
         (grad,) = torch.autograd.grad(loss, delta)
         nll = nll_req.detach()
-        with torch.no_grad():
-            a = active[:, None]
-            t_step += active.float()
-            m.copy_(torch.where(a, b1 * m + (1 - b1) * grad, m))
-            v.copy_(torch.where(a, b2 * v + (1 - b2) * grad * grad, v))
-            tt = t_step.clamp_min(1)[:, None]
-            step = cfg.lr * (m / (1 - b1**tt)) / ((v / (1 - b2**tt)).sqrt() + eps)
-            delta -= torch.where(a, step, torch.zeros_like(step))
-            scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-            delta *= scale[:, None]
+        opt.step(grad, active)
+        clamp_rows_(delta, max_norm)
         bar.update(int(active.sum()))
-    bar.update(0)
-    with torch.no_grad():
-        # final NLL for the last update (one forward, no backward)
-        hid, _ = run.forward(delta)
-        lp = target_logprobs(model, adapter, norm(hid[t_rows, t_cols]), t_ids)
-        nll = torch.zeros(u, device=dev).index_add_(0, t_own, -lp * t_w)
+    with torch.no_grad():  # NLL after the last update
+        nll, _ = prob.losses(delta, with_kl=False)
     if not torch.isfinite(delta).all():
         bad = int((~torch.isfinite(delta).all(1)).nonzero()[0])
         raise FloatingPointError(f"target optimisation produced a non-finite delta for request {bad} of the chunk")
-    return TargetResult(delta.detach().float(), h.float(), nll.float(), nll_init.float(), t_step.long())
+    return TargetResult(delta.detach().float(), h.float(), nll.float(), prob.nll_init.float(), opt.t.long())

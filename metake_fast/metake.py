@@ -1,0 +1,128 @@
+"""MetaKE's upper level: learn the planned residuals against the *virtual post-edit* model.
+
+METHOD.md, "Upper level (adopted)". With the gate ``G`` (u×u) of the lower-level
+solver, the write realises ``H + R G`` at the last edited layer rather than the
+planned ``H + R``. The outer loop therefore minimises
+
+    F(R) = Σ_i NLL(o*_i | H̃) + β·KL_loc + γ·Ω(R),      H̃ = H + R G
+
+starting from the plain target optimisation's ``R = Δ``, with the structural
+gradient proxy ``∇_R F ≈ (∇_H̃ F) Gᵀ`` (keys, projector and history frozen, so
+``G`` does not depend on ``R``). In the row layout used here (``R`` is (u, d_v),
+one row per request) the injected vectors are ``Gᵀ R`` and the proxy gradient
+is ``G ∇_H̃``. The refined targets ``Z = H + R`` are then written once by the
+standard multi-layer solver.
+
+Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
+``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same weighted by
+``1 − g_ii``, so requests the solver realises well are held near their plain
+targets less strongly than ... see :func:`_omega`), ``gate`` (``"full"`` or
+``"diag"``), ``outer_kl`` (the essence KL in F), ``gate_layers``:
+
+* ``"last"`` — the adopted proxy: the last edited layer's gate only;
+* ``"product"`` — the product of the per-layer gates ``G_{l_1} ⋯ G_{l_m}``;
+* ``"spread"`` — the gate of MEMIT's residual spreading: layer ``j`` of ``m``
+  writes ``1/(m−j)`` of what is left, so the realised share is
+  ``I − Π_j (I − G_j/(m−j))`` (exact when each layer's write reaches layer L
+  unchanged; reduces to ``G`` for one layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .keys import keys_and_residual
+from .solvers import CovarianceSolver
+from .targets import ChunkProblem, MaskedAdam, TargetResult, _chunks, clamp_rows_
+
+
+def solver_gate(solver, K: torch.Tensor) -> torch.Tensor:
+    """The gate ``G = Kᵀ Y`` (u, u) float32 the solver would realise for keys ``K`` (d_k, u)."""
+    if isinstance(solver, CovarianceSolver):
+        _, G = solver.memit(K)
+    else:
+        _, G = solver.solve(K)
+    return G.float()
+
+
+def structural_gate(editor, reqs, templates) -> torch.Tensor:
+    """The gate used by the proxy (see the module docstring), on the model as it is now."""
+    hp = editor.hparams
+    layers = editor.layers if hp.gate_layers in ("product", "spread") else editor.layers[-1:]
+    gates = []
+    for layer in layers:
+        K, _ = keys_and_residual(editor.model, editor.tok, editor.adapter, reqs, layer, None, templates)
+        gates.append(solver_gate(editor._solvers[layer], K).cpu())
+    u = gates[0].shape[0]
+    eye = torch.eye(u)
+    if hp.gate_layers == "last":
+        G = gates[-1]
+    elif hp.gate_layers == "product":
+        G = eye
+        for g in gates:
+            G = G @ g
+    else:  # spread
+        m = len(gates)
+        left = eye
+        for j, g in enumerate(gates):
+            left = left @ (eye - g / (m - j))
+        G = eye - left
+    if hp.gate == "diag":
+        G = torch.diag(torch.diagonal(G))
+    return G
+
+
+def _omega(R: torch.Tensor, h_norm: torch.Tensor, gdiag: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-request regulariser Ω: ``‖R_i‖/‖h_i‖²`` (norm) or that times ``(1 − g_ii)`` (adaptive)."""
+    base = R.norm(dim=1) / h_norm.pow(2)
+    return base if kind == "norm" else base * (1 - gdiag).clamp_min(0)
+
+
+def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) -> torch.Tensor:
+    """Run the upper level; returns the refined targets ``Z = H + R`` as (d_v, u) float32."""
+    hp = editor.hparams
+    model, tok, adapter = editor.model, editor.tok, editor.adapter
+    L = editor.layers[-1]
+    G = structural_gate(editor, reqs, templates)  # (u, u) on CPU
+    editor.last_gate = G
+    dev = tres.delta.device
+    G = G.to(dev)
+    gdiag = torch.diagonal(G)
+    R = tres.delta.clone().requires_grad_(False)
+    u = R.shape[0]
+    if hp.outer_steps == 0 or u == 0:
+        return (tres.h + R).T
+    cfg = editor._target_config()
+    chunks = _chunks(tok, reqs, templates, cfg.chunk_tokens)
+    problems = [ChunkProblem(model, tok, adapter, reqs[lo:hi], L, templates, cfg.prefix_cache) for lo, hi in chunks]
+    h_norm = tres.h.norm(dim=1).to(dev)
+    max_norm = hp.outer_clamp_norm_factor * h_norm
+    opt = MaskedAdam(R, hp.outer_lr)
+    active = torch.ones(u, dtype=torch.bool, device=dev)
+    bar = tqdm(total=hp.outer_steps, desc="metake outer", disable=not editor.progress, leave=False)
+    for _ in range(hp.outer_steps):
+        virt = (G.T @ R).detach()  # rows of R G: the injected (virtual) residuals
+        g_virt = torch.zeros_like(virt)
+        nll_all = torch.zeros(u, device=dev)
+        for (lo, hi), prob in zip(chunks, problems):
+            x = virt[lo:hi].clone().requires_grad_(True)
+            nll, kl = prob.losses(x, with_kl=hp.outer_kl and hp.kl_factor > 0)
+            loss = (nll + hp.kl_factor * kl)[active[lo:hi]].sum()
+            if loss.requires_grad:
+                (g,) = torch.autograd.grad(loss, x)
+                g_virt[lo:hi] = g
+            nll_all[lo:hi] = nll.detach()
+        active &= nll_all > cfg.early_stop_nll
+        if not bool(active.any()):
+            break
+        Rg = R.clone().requires_grad_(True)
+        reg = hp.gamma * _omega(Rg, h_norm, gdiag, hp.omega)[active].sum()
+        (g_reg,) = torch.autograd.grad(reg, Rg)
+        grad = G @ g_virt + g_reg  # structural gradient proxy (row layout) + regulariser
+        opt.step(grad, active)
+        clamp_rows_(R, max_norm)
+        bar.update(1)
+    bar.close()
+    editor.last_outer_nll = nll_all.detach().cpu()
+    return (tres.h + R).T.contiguous()
