@@ -235,15 +235,15 @@ class Editor:
         """
         if requests is None:
             if prompts is None:
-                raise RequestError("no requests given")
+                raise RequestError(None, "no requests given", code="missing")
             requests = from_easyedit(prompts, target_new, subject, ground_truth)
         elif prompts is not None:
-            raise RequestError("give either requests or prompts/target_new/subject, not both")
+            raise RequestError(None, "give either requests or prompts/target_new/subject, not both", code="type")
         if isinstance(requests, (EditRequest, dict)):
             requests = [requests]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise RequestError(f"batch_size must be a positive integer, got {batch_size!r}")
-        reqs = validate_requests(list(requests), self.tok)
+            raise RequestError(None, f"batch_size must be a positive integer, got {batch_size!r}", code="batch_size")
+        reqs = validate_requests(requests, self.tok)
         report = EditReport(self.method)
         if not reqs:
             return report
@@ -262,10 +262,10 @@ class Editor:
             for b in range(nb):
                 part = reqs[b * batch_size : (b + 1) * batch_size]
                 batch_info.append(self._edit_batch_atomic(part, timing))
+                self.history.extend(part)  # a later batch failing leaves this one applied: keep it on record
                 bar.update(len(part))
         finally:
             bar.close()
-        self.history.extend(reqs)
         t0 = time.perf_counter()
         post = self._score(reqs) if score else None
         timing["score"] += time.perf_counter() - t0
