@@ -1,0 +1,226 @@
+"""``metake-fast edit`` and ``metake-fast evaluate`` (registered into :mod:`metake_fast.cli`).
+
+    metake-fast edit --model smollm2-135m --method alphaedit --requests FILE.json \\
+        [--batch-size B] [--hparams FILE.yaml] [--corpus PATH] [--stats-tokens T] \\
+        --save-delta OUT.safetensors [--no-progress]
+    metake-fast evaluate --model smollm2-135m --method {rome,memit,alphaedit,metake} \\
+        --dataset {counterfact,zsre} --data PATH --num-edits N --batch-size B \\
+        [--hparams FILE.yaml] [--corpus PATH] [--stats-tokens T] --out results.json
+
+Bad input (missing files, unknown method, sizes <= 0, bad hparams, requests or data, a model
+that cannot be loaded, a failed edit batch) exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .cli import UsageError, _quiet_transformers, check_cache_dir, positive_int, register_subcommand
+from .hparams import METHODS
+
+__all__ = ["run_edit", "run_evaluate"]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _domain_errors() -> tuple[type[BaseException], ...]:
+    from .datasets import DatasetError
+    from .editor import EditError
+    from .evaluate import EvaluationError
+    from .hparams import HParamsError
+    from .requests import RequestError
+
+    return (HParamsError, RequestError, DatasetError, EditError, EvaluationError)
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local model directory")
+    p.add_argument("--method", default="alphaedit", choices=list(METHODS), help="editing method (default alphaedit)")
+    p.add_argument("--hparams", default=None, help="YAML hyperparameter file (default: shipped file / defaults)")
+    p.add_argument("--corpus", default=None, help="text / .jsonl / .jsonl.gz file for the key statistics")
+    p.add_argument("--stats-tokens", type=positive_int, default=None, help="token budget of the key statistics")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--cache-dir", default=None, help="statistics cache root (default: $METAKE_FAST_CACHE)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Cheap checks before the slow model load."""
+    if args.hparams is not None and not Path(args.hparams).is_file():
+        raise UsageError(f"hparams file {args.hparams} does not exist")
+    if args.corpus is not None:
+        from .corpus import load_corpus
+
+        load_corpus(args.corpus)  # CorpusError (one line) for a missing / unreadable corpus
+    if args.method == "metake":
+        import importlib.util
+
+        if importlib.util.find_spec("metake_fast.metake") is None:
+            raise UsageError("method 'metake' is not available in this installation (no metake_fast.metake)")
+
+
+def _cache(args: argparse.Namespace):
+    if args.no_cache:
+        return False
+    if args.cache_dir:
+        return check_cache_dir(args.cache_dir)
+    return True
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(args: argparse.Namespace):
+    from .models import ModelError, load_model
+
+    try:
+        return load_model(args.model, dtype=args.dtype, device=_device(args))
+    except ModelError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {args.model!r}: {first}") from None
+
+
+def _check_out_dir(path: str, what: str) -> None:
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{what}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{what}: directory {parent} is not writable")
+
+
+# --------------------------------------------------------------------------- edit
+
+
+def _edit_arguments(p: argparse.ArgumentParser) -> None:
+    _common_arguments(p)
+    p.add_argument("--requests", required=True, help="requests file: CounterFact (flat/full), ZsRE or EasyEdit JSON")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="edits per batch (default 100)")
+    p.add_argument("--save-delta", required=True, help="write the weight delta here (.safetensors)")
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    try:
+        return _run_edit(args)
+    except _domain_errors() as e:
+        raise UsageError(_one_line(e)) from None
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    from .datasets import load_requests
+    from .editor import Editor
+    from .hparams import make_hparams, read_yaml
+
+    requests = load_requests(args.requests)
+    if not requests:
+        raise UsageError(f"{args.requests}: no usable requests")
+    _check_inputs(args)
+    hp_values = read_yaml(args.hparams) if args.hparams else {}
+    make_hparams(args.method, hp_values)  # field errors before the model loads
+    _check_out_dir(args.save_delta, "--save-delta")
+    cache = _cache(args)
+    _quiet_transformers(args.verbose)
+    model, tok = _load(args)
+    from .hparams import load_hparams
+    from .models import get_adapter
+
+    hp = load_hparams(
+        args.method, str(args.model), path=args.hparams, num_layers=get_adapter(model).num_layers(model),
+        overrides={"stats_tokens": args.stats_tokens} if args.stats_tokens else None,
+    )  # fmt: skip
+    editor = Editor(
+        model, tok, args.method, hp, model_name=str(args.model), corpus=args.corpus, cache=cache,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    report = editor.edit(requests, batch_size=args.batch_size)
+    print(report.table())
+    print(report.summary())
+    try:
+        editor.save_delta(args.save_delta)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"cannot save the delta: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot write {args.save_delta}: {e.strerror or e}") from None
+    print(f"delta saved to {args.save_delta}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _common_arguments(p)
+    p.add_argument("--dataset", required=True, choices=["counterfact", "zsre"], help="which benchmark --data holds")
+    p.add_argument("--data", required=True, help="data file (format detected from its content)")
+    p.add_argument("--num-edits", type=positive_int, required=True, help="edit the first N cases")
+    p.add_argument("--batch-size", type=positive_int, required=True, help="edits per sequential batch")
+    p.add_argument("--out", required=True, help="results JSON (records go to <out stem>.records.jsonl)")
+    p.add_argument("--records", default=None, help="per-request JSON lines (default: next to --out)")
+    p.add_argument(
+        "--fluency", default="auto", choices=["auto", "on", "off"], help="fluency (auto: full CounterFact only)"
+    )
+    p.add_argument("--fluency-prompts", type=positive_int, default=2, help="generation prompts per case (default 2)")
+    p.add_argument("--fluency-tokens", type=positive_int, default=30, help="new tokens per generation (default 30)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        return _run_evaluate(args)
+    except _domain_errors() as e:
+        raise UsageError(_one_line(e)) from None
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import run_evaluation
+
+    if not Path(args.data).expanduser().is_file():
+        raise UsageError(f"--data {args.data}: no such file")
+    _check_inputs(args)
+    _check_out_dir(args.out, "--out")
+    if args.records:
+        _check_out_dir(args.records, "--records")
+    cache = _cache(args)
+    _quiet_transformers(args.verbose)
+    results = run_evaluation(
+        args.model, args.method, args.data, args.num_edits, args.batch_size, hparams=args.hparams,
+        corpus=args.corpus, stats_tokens=args.stats_tokens, out=args.out, progress=not args.no_progress,
+        records_path=args.records, dataset=args.dataset,
+        fluency=None if args.fluency == "auto" else args.fluency == "on",
+        fluency_prompts=args.fluency_prompts, fluency_tokens=args.fluency_tokens, device=args.device,
+        dtype=args.dtype, cache=cache,
+    )  # fmt: skip
+    t = results["timing"]
+    print(
+        f"{results['method']} on {results['model']}: {results['num_edits']} {results['dataset']} edits, batch {results['batch_size']}"
+    )
+    print(f"{'':14} {'efficacy':>9} {'general.':>9} {'specif.':>9} {'fluency':>9}")
+    for name in ("metrics_pre", "metrics_post"):
+        m = results[name]
+        cells = [
+            ("-" if m.get(k) is None else f"{m[k]:.2f}")
+            for k in ("efficacy", "generalization", "specificity", "fluency")
+        ]
+        print(f"{name[8:]:14} " + " ".join(f"{c:>9}" for c in cells))
+    eps = "-" if t["edits_per_s"] is None else f"{t['edits_per_s']:.3f}"
+    print(f"stats {t['stats_s']:.1f}s  edit {t['edit_s']:.1f}s ({eps} edits/s)  eval {t['eval_s']:.1f}s")
+    print(f"results: {args.out}  records: {results['records']}")
+    return 0
+
+
+register_subcommand("edit", _edit_arguments, run_edit, help="apply edit requests and save the weight delta")
+register_subcommand(
+    "evaluate", _evaluate_arguments, run_evaluate, help="edit N benchmark cases in batches and score them pre/post"
+)
