@@ -235,3 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+from . import cli_edit as _cli_edit  # noqa: E402,F401  (registers the edit / evaluate subcommands)
