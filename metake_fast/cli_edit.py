@@ -35,7 +35,12 @@ def _domain_errors() -> tuple[type[BaseException], ...]:
     from .hparams import HParamsError
     from .requests import RequestError
 
-    return (HParamsError, RequestError, DatasetError, EditError, EvaluationError)
+    errors: tuple[type[BaseException], ...] = (HParamsError, RequestError, DatasetError, EditError, EvaluationError)
+    try:
+        from .delta import DeltaError
+    except ImportError:
+        return errors
+    return (*errors, DeltaError)
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,10 +189,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from .datasets import resolve_dataset
     from .evaluate import run_evaluation
 
-    if not Path(args.data).expanduser().is_file():
-        raise UsageError(f"--data {args.data}: no such file")
+    resolve_dataset(args.data)  # DatasetError for a missing file (shipped names are accepted too)
     _check_inputs(args)
     _check_out_dir(args.out, "--out")
     if args.records:
