@@ -67,7 +67,7 @@ ext_modules, cmdclass = extensions()
 setup(
     packages=["metake_fast", "metake_fast.ops", "metake_fast.kernels"],
     package_dir={"metake_fast.kernels": "kernels"},
-    package_data={"metake_fast": ["data/*", "hparams/*.yaml"]},
+    package_data={"metake_fast": ["data/*", "hparams/*/*.yaml"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
