@@ -99,7 +99,9 @@ def test_cpp_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.metake_fast.second_moment_accumulate(torch.zeros(3, 3, dtype=torch.bfloat16), torch.zeros(2, 3), None)
     with pytest.raises(RuntimeError, match="mask"):
-        torch.ops.metake_fast.second_moment_accumulate(torch.zeros(3, 3), torch.zeros(2, 3), torch.ones(5, dtype=torch.bool))
+        torch.ops.metake_fast.second_moment_accumulate(
+            torch.zeros(3, 3), torch.zeros(2, 3), torch.ones(5, dtype=torch.bool)
+        )
 
 
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])

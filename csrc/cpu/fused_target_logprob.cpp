@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
       acc_t* s = Ssum.data() + static_cast<size_t>(tid) * n;
       at::Tensor wbuf = direct ? at::Tensor() : at::empty({TV, d}, opts);
       at::Tensor lbuf = at::empty({std::min(n, kTileN), TV}, opts);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)  // static: deterministic per-thread accumulation order
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t v0 = t * TV, v1 = std::min(V, v0 + TV), tv = v1 - v0;
         at::Tensor wt;
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
       at::Tensor wbuf = direct ? at::Tensor() : at::empty({TV, d}, opts);
       at::Tensor lbuf = at::empty({std::min(n, kTileN), TV}, opts);
       at::Tensor gwbuf = weight_grad ? at::empty({TV, d}, opts) : at::Tensor();
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)  // static: deterministic per-thread accumulation order
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t v0 = t * TV, v1 = std::min(V, v0 + TV), tv = v1 - v0;
         at::Tensor wt;

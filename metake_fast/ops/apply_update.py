@@ -8,6 +8,10 @@ Shapes and dtypes
 
 The product is formed in ``float32`` (``float64`` if either factor is fp64),
 added to ``W`` upcast to the same precision, and rounded to ``W.dtype`` once.
+
+CPU kernel (``csrc/cpu/apply_update.cpp``): fp32 ``W`` gets one ``addmm_``;
+otherwise 32-row blocks of the product are formed in a thread-local buffer and
+added/rounded into ``W`` (no full-size upcast copy). CUDA: ``csrc/cuda/kernels.cu``.
 """
 
 from __future__ import annotations

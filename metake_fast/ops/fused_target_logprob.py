@@ -15,6 +15,11 @@ Backward (``fused_target_logprob_backward``) recomputes each chunk's softmax
 from the saved ``lse``:
     ∂/∂h_i   = g_i (W[t_i] − Σ_v p_iv W_v)
     ∂/∂W_v   = Σ_i g_i (1[v = t_i] − p_iv) h_i
+
+CPU kernel (``csrc/cpu/fused_target_logprob.cpp``): OpenMP over vocabulary
+tiles of ``min(chunk, 512)`` rows, each converted to fp32 in a thread-local
+buffer (no fp32 copy of ``weight``), one BLAS call per 256-row block of
+``hidden`` and a fused online log-sum-exp on the cached tile.
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ Shapes and dtypes
 
 Math is done in ``S.dtype`` (inputs are upcast before the product), so a bf16
 model still accumulates in fp32 (or fp64).
+
+Compiled kernels: CPU (``csrc/cpu/second_moment_accumulate.cpp``) computes only
+the lower block triangle (single-threaded BLAS per 192x192 tile, OpenMP over
+tiles) and adds each tile product to both halves, so ``S + XᵀX`` is exact also
+for a non-symmetric ``S`` and exactly symmetric when ``S`` was. CUDA
+(``csrc/cuda/kernels.cu``) uses the same tiling.
 """
 
 from __future__ import annotations
