@@ -28,6 +28,15 @@ REQS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: intra-op threads only add contention on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _weights(ed: Editor) -> dict[int, torch.Tensor]:
     return {layer: ed.adapter.edit_weight(ed.model, layer).detach().clone() for layer in ed.layers}
 
