@@ -36,7 +36,7 @@ def extensions():
         and cuda_sources
         and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2" if os.uname().machine == "x86_64" else "-O3"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-march=x86-64-v2" if os.uname().machine == "x86_64" else "-O3"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     include_dirs = [os.path.join(here, "csrc")]
     if with_cuda:
