@@ -112,6 +112,14 @@ def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]) ->
     return L
 
 
+def _cache_kwarg(module) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older / other architectures)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _ChunkRunner:
     """Runs the prompts of one chunk with ``δ`` injected after layer ``L`` at remainder position 0."""
 
@@ -135,12 +143,13 @@ class _ChunkRunner:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
+            self.cache_kw = _cache_kwarg(model.base_model)
             with torch.no_grad():
                 model.base_model(
                     input_ids=pre.input_ids,
                     attention_mask=pre.attention_mask,
                     position_ids=torch.arange(pre.input_ids.shape[1], device=dev)[None].expand_as(pre.input_ids),
-                    past_key_values=cache,
+                    **{self.cache_kw: cache},
                     use_cache=True,
                 )
             self.cache = cache
@@ -180,7 +189,7 @@ class _ChunkRunner:
             if self.use_cache:
                 for lyr, (k, v) in zip(self.cache.layers, self.saved):
                     lyr.keys, lyr.values = k, v
-                kwargs = {"past_key_values": self.cache, "use_cache": True, "position_ids": self.pos}
+                kwargs = {self.cache_kw: self.cache, "use_cache": True, "position_ids": self.pos}
             out = self.model.base_model(input_ids=self.rest_ids, attention_mask=self.mask, **kwargs)
         finally:
             handle.remove()
