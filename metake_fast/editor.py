@@ -73,6 +73,7 @@ class EditReport:
     requests: list[RequestReport] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     batches: int = 0
+    running: dict | None = None
 
     @property
     def efficacy(self) -> float:
@@ -114,6 +115,7 @@ class EditReport:
             "batches": self.batches,
             "efficacy": self.efficacy,
             "timing": self.timing,
+            "running": self.running,
             "requests": [r.__dict__ for r in self.requests],
         }
 
@@ -226,12 +228,16 @@ class Editor:
         subject=None,
         ground_truth=None,
         score: bool = True,
+        track: bool = False,
     ) -> EditReport:
         """Apply ``requests`` in sequential batches of ``batch_size``; returns an :class:`EditReport`.
 
         EasyEdit-style keyword lists (``prompts``, ``target_new``, ``subject``,
         ``ground_truth``) are accepted instead of ``requests``. All requests are
         validated before any weight changes; each batch is applied atomically.
+        ``track=True`` also scores every edit made so far by this editor (all calls)
+        after the last batch and puts the running efficacy in ``report.running``, so
+        a collapse over many sequential calls is visible as it happens.
         """
         if requests is None:
             if prompts is None:
@@ -284,6 +290,16 @@ class Editor:
                 )  # fmt: skip
                 i += 1
         report.batches = nb
+        if track:
+            t0 = time.perf_counter()
+            p_new, p_true = self._score(self.history)
+            ok = [pn > pt for pn, pt in zip(p_new, p_true) if pt is not None]
+            report.running = {
+                "edits": len(self.history),
+                "efficacy": sum(ok) / len(ok) if ok else float("nan"),
+                "mean_p_new": _mean(p_new),
+            }
+            timing["score"] += time.perf_counter() - t0
         report.timing = timing
         return report
 
