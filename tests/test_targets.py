@@ -1,0 +1,146 @@
+"""Target optimisation: the prefix-KV-cache runner equals the plain full-sequence runner,
+batched optimisation equals per-request optimisation, and the norm clamp holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from _tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from metake_fast.keys import keys_and_residual  # noqa: E402
+from metake_fast.models import get_adapter  # noqa: E402
+from metake_fast.requests import validate_requests  # noqa: E402
+from metake_fast.targets import ChunkProblem, TargetConfig, _layout, optimize_targets  # noqa: E402
+
+# bare prompt first (as the editor's templates), then two context prefixes of different lengths
+TEMPLATES = [["{}"], ["Once upon a time. {}", "He said. {}"]]
+REQS = [
+    {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"},
+    {"prompt": "Bob Smith works for", "subject": "Bob Smith", "target_new": "Google"},
+    {"prompt": "A the river Nile flows into", "subject": "A", "target_new": "the Baltic Sea"},
+]
+LAYER = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: intra-op threads only add contention on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def reqs():
+    out = validate_requests(REQS, tiny_tokenizer())
+    # "A" is a single token at the very start of the bare prompt: an empty KV prefix for that row
+    lay = _layout(tiny_tokenizer(), out, TEMPLATES)
+    assert any(len(p) == 0 for p in lay.prefixes) and all(len(r) >= 1 for r in lay.rests)
+    return out
+
+
+def _problem(model, reqs, prefix_cache):
+    return ChunkProblem(model, tiny_tokenizer(), get_adapter(model), reqs, LAYER, TEMPLATES, prefix_cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox"])
+def test_prefix_cache_runner_equals_full_runner(arch, reqs):
+    model = tiny_model(arch, layers=3, seed=1)
+    cached, plain = _problem(model, reqs, True), _problem(model, reqs, False)
+    assert cached.run.use_cache and not plain.run.use_cache
+    # the cached runner really skips the prefixes
+    assert cached.run.rest_ids.shape[1] < plain.run.rest_ids.shape[1]
+    torch.testing.assert_close(cached.h, plain.h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.nll_init, plain.nll_init, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.kl_init, plain.kl_init, rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    delta = (0.5 * cached.h.norm(dim=1, keepdim=True) / cached.h.shape[1] ** 0.5) * torch.randn(
+        cached.h.shape, generator=g
+    )
+    grads = []
+    outs = []
+    for prob in (cached, plain):
+        d = delta.clone().requires_grad_(True)
+        nll, kl = prob.losses(d)
+        (grad,) = torch.autograd.grad((nll + kl).sum(), d)
+        outs.append((nll.detach(), kl.detach()))
+        grads.append(grad)
+    assert outs[0][1].abs().max() > 0  # δ moved the essence prompt
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5 * float(grads[1].abs().max()))
+    # a δ on one request moves only that request's losses
+    d1 = torch.zeros_like(delta)
+    d1[1] = delta[1]
+    nll1, kl1 = cached.losses(d1)
+    assert torch.equal(nll1[[0, 2]], cached.losses(torch.zeros_like(delta))[0][[0, 2]])
+    assert float(kl1[0]) == pytest.approx(0.0, abs=1e-6) and float(kl1[2]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_h_matches_keys_and_residual(arch, reqs):
+    model = tiny_model(arch, layers=3, seed=1)
+    prob = _problem(model, reqs, True)
+    _, H = keys_and_residual(model, tiny_tokenizer(), get_adapter(model), reqs, None, LAYER, [["{}"]])
+    torch.testing.assert_close(prob.h, H.T, rtol=1e-5, atol=1e-5)
+
+
+CFG = dict(steps=6, lr=0.5, weight_decay=1e-3, clamp_norm_factor=0.75, kl_factor=0.0625, early_stop_nll=5e-2)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_equals_per_request(arch, prefix_cache, reqs):
+    """Adam is elementwise and δ_i only reaches its own prompts: one batched run == u separate runs."""
+    model = tiny_model(arch, layers=3, seed=2)
+    adapter = get_adapter(model)
+    cfg = TargetConfig(**CFG, prefix_cache=prefix_cache)
+    together = optimize_targets(model, tiny_tokenizer(), adapter, reqs, LAYER, TEMPLATES, cfg, progress=False)
+    assert together.delta.shape == (3, model.config.hidden_size if arch != "gpt2" else model.config.n_embd)
+    for i, r in enumerate(reqs):
+        alone = optimize_targets(model, tiny_tokenizer(), adapter, [r], LAYER, TEMPLATES, cfg, progress=False)
+        assert int(alone.steps[0]) == int(together.steps[i])
+        scale = float(alone.delta.norm())
+        assert scale > 0
+        torch.testing.assert_close(together.delta[i : i + 1], alone.delta, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(together.h[i : i + 1], alone.h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.nll[i : i + 1], alone.nll, rtol=1e-4, atol=1e-5)
+    # and the optimisation did something: the target NLL went down
+    assert bool((together.nll < together.nll_init).all())
+
+
+def test_chunking_equals_one_chunk(reqs):
+    """Splitting the batch into several chunks (a small ``chunk_tokens``) changes nothing."""
+    model = tiny_model("llama", layers=3, seed=2)
+    adapter = get_adapter(model)
+    one = optimize_targets(
+        model, tiny_tokenizer(), adapter, reqs, LAYER, TEMPLATES, TargetConfig(**CFG), progress=False
+    )
+    many = optimize_targets(
+        model, tiny_tokenizer(), adapter, reqs, LAYER, TEMPLATES, TargetConfig(**CFG, chunk_tokens=1), progress=False
+    )
+    torch.testing.assert_close(one.delta, many.delta, rtol=1e-5, atol=1e-5 * float(one.delta.abs().max()))
+
+
+@pytest.mark.parametrize("c", [0.05, 0.75])
+def test_clamp(reqs, c):
+    """‖δ_i‖ ≤ c‖h_i‖ after every run; with a small c and a large lr the bound is reached."""
+    model = tiny_model("llama", layers=3, seed=3)
+    cfg = TargetConfig(**{**CFG, "clamp_norm_factor": c, "lr": 5.0, "early_stop_nll": 0.0})
+    res = optimize_targets(model, tiny_tokenizer(), get_adapter(model), reqs, LAYER, TEMPLATES, cfg, progress=False)
+    ratio = res.delta.norm(dim=1) / res.h.norm(dim=1)
+    assert bool((ratio <= c * (1 + 1e-5)).all()), ratio
+    if c == 0.05:
+        torch.testing.assert_close(ratio, torch.full_like(ratio, c), rtol=1e-4, atol=0)
+
+
+def test_early_stop_freezes_request(reqs):
+    """A request whose target NLL is already below early_stop_nll takes no step; δ stays 0."""
+    model = tiny_model("llama", layers=3, seed=2)
+    cfg = TargetConfig(**{**CFG, "early_stop_nll": 1e9})
+    res = optimize_targets(model, tiny_tokenizer(), get_adapter(model), reqs, LAYER, TEMPLATES, cfg, progress=False)
+    assert res.steps.tolist() == [0, 0, 0] and torch.equal(res.delta, torch.zeros_like(res.delta))
