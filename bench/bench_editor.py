@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         default=None,
         help="one untimed 1-request edit per method and provider first (default: on for cuda)",
     )
-    p.add_argument("--quick", action="store_true", help="tiny random llama, N=4, B=2, few steps (the test)")
+    p.add_argument("--quick", action="store_true", help="tiny random llama, N=2, B=1, 2 steps (the test)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--plot", type=Path, default=PLOT)
     args = p.parse_args(argv)  # fmt: skip
@@ -357,10 +357,10 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     overrides = {}
     if args.quick:
-        args.n = args.n or [4]
-        args.batch_size = args.batch_size or [2]
-        overrides.update(v_num_grad_steps=3, context_template_count=2, context_template_length=4, outer_steps=2)
-        args.stats_tokens = args.stats_tokens or 600
+        args.n = args.n or [2]
+        args.batch_size = args.batch_size or [1]
+        overrides.update(v_num_grad_steps=2, context_template_count=1, context_template_length=3, outer_steps=1)
+        args.stats_tokens = args.stats_tokens or 300
     for kv in args.set:
         k, _, v = kv.partition("=")
         overrides[k.strip()] = yaml.safe_load(v)

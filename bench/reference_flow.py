@@ -287,7 +287,7 @@ def _compute_z(model, tok, adapter, req, layer: int, templates, hp) -> tuple[tor
             nll, kl = prob.run(delta)
             wd = hp.v_weight_decay * (delta.norm() / prob.h.norm() ** 2)
             loss = nll + hp.kl_factor * kl + wd
-            if float(loss) < hp.early_stop_nll:
+            if float(loss.detach()) < hp.early_stop_nll:
                 break
             if it == hp.v_num_grad_steps - 1:
                 break
