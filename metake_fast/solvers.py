@@ -65,7 +65,7 @@ def _default_max_cond(dtype: torch.dtype) -> float:
 
 def _cond_estimate(L: torch.Tensor) -> float:
     """Cheap lower bound on cond(L Lᵀ): (max diag L / min diag L)²."""
-    d = L.diagonal().abs()
+    d = L.detach().diagonal().abs()
     lo = float(d.min())
     if lo == 0.0 or not math.isfinite(lo):
         return math.inf
