@@ -504,14 +504,15 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bss = {r["batch_size"] for r in rows}
-    groups: dict[str, list] = {}
+    groups: dict[tuple, list] = {}
     for r in rows:
-        label = f"{r['method']} / {r['provider']}" + (f" / B={r['batch_size']}" if len(bss) > 1 else "")
-        groups.setdefault(label, []).append((r["n"], r["edits_per_s"] or 0.0))
-    for label, pts in groups.items():
+        groups.setdefault((r["method"], r["provider"], r["batch_size"]), []).append((r["n"], r["edits_per_s"] or 0.0))
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    for (method, prov, B), pts in groups.items():
         pts.sort()
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label,
-                linestyle="-" if "metake_fast" in label else "--")  # fmt: skip
+        label = f"{method} / {prov}" + (f" / B={B}" if len(bss) > 1 else "")
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o" if prov == "metake_fast" else "s", label=label,
+                color=colors[method], linestyle="-" if prov == "metake_fast" else "--")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N (edits)")
