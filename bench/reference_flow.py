@@ -178,14 +178,10 @@ def _keys(model, tok, adapter, requests, layer: int, templates) -> torch.Tensor:
         r = torch.arange(len(part), device=dev)
         rows_out.append(got["k"][r, torch.tensor(cols[s : s + KEY_BATCH_ROWS], device=dev)].float())
     allk = torch.cat(rows_out)
-    u, ng = len(requests), len(templates)
-    K = torch.zeros(u, allk.shape[1], device=dev)
-    for i in range(u):
-        per_group = []
-        for g in range(ng):
-            sel = [j for j in range(len(seqs)) if owner[j] == i and group[j] == g]
-            per_group.append(allk[sel].mean(0))
-        K[i] = torch.stack(per_group).mean(0)
+    # mean within each template group, then over groups: weight 1 / (n_groups · |group|) per row
+    w = torch.tensor([1.0 / (len(templates) * len(templates[g])) for g in group], device=dev)
+    K = torch.zeros(len(requests), allk.shape[1], device=dev)
+    K.index_add_(0, torch.tensor(owner, device=dev), allk * w[:, None])
     return K.T.contiguous()
 
 
