@@ -14,10 +14,9 @@ is ``G ∇_H̃``. The refined targets ``Z = H + R`` are then written once by the
 standard multi-layer solver.
 
 Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
-``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same weighted by
-``1 − g_ii``, so requests the solver realises well are held near their plain
-targets less strongly than ... see :func:`_omega`), ``gate`` (``"full"`` or
-``"diag"``), ``outer_kl`` (the essence KL in F), ``gate_layers``:
+``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same times ``1 − g_ii``,
+so the penalty is strongest where the solver truncates most and a large
+residual would mostly be lost), ``gate`` (``"full"`` or ``"diag"``), ``outer_kl`` (the essence KL in F), ``gate_layers``:
 
 * ``"last"`` — the adopted proxy: the last edited layer's gate only;
 * ``"product"`` — the product of the per-layer gates ``G_{l_1} ⋯ G_{l_m}``;
