@@ -223,7 +223,27 @@ def _woodbury_core(L: torch.Tensor, Kt: torch.Tensor, lam: float, layer) -> tupl
     return X, X.T @ Kt
 
 
-class CovarianceSolver:
+class _LayerSolver:
+    """What both per-layer solvers share: validation of ``C``, dtypes, device and key preparation."""
+
+    def _init_layer(self, C: torch.Tensor, layer, dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor:
+        """Validate ``C`` and return it symmetrised in the solve dtype."""
+        if C.dim() != 2 or C.shape[0] != C.shape[1]:
+            raise ValueError(f"{_where(layer)}C must be square, got {tuple(C.shape)}")
+        _check_finite(C, "second moment C", layer)
+        self.layer = layer
+        self.dtype = dtype
+        self.out_dtype = out_dtype
+        self.device = C.device
+        self.d_k = C.shape[0]
+        Cd = C.to(dtype)
+        return 0.5 * (Cd + Cd.T)
+
+    def _keys(self, K: torch.Tensor) -> torch.Tensor:
+        return _prep_keys(K, self.d_k, self.dtype, self.device, self.layer)
+
+
+class CovarianceSolver(_LayerSolver):
     """ROME / MEMIT solves for one layer against a cached Cholesky factor of ``C``.
 
     Args:
@@ -243,20 +263,9 @@ class CovarianceSolver:
         dtype: torch.dtype = torch.float64,
         out_dtype: torch.dtype | None = torch.float32,
     ):
-        if C.dim() != 2 or C.shape[0] != C.shape[1]:
-            raise ValueError(f"{_where(layer)}C must be square, got {tuple(C.shape)}")
-        _check_finite(C, "second moment C", layer)
-        self.layer = layer
+        Cd = self._init_layer(C, layer, dtype, out_dtype)
         self.lam = float(lam)
-        self.dtype = dtype
-        self.out_dtype = out_dtype
-        self.device = C.device
-        self.d_k = C.shape[0]
-        Cd = C.to(dtype)
-        self.L = cholesky_factor(0.5 * (Cd + Cd.T), layer=layer)  # (d_k, d_k) lower, chol(C)
-
-    def _keys(self, K: torch.Tensor) -> torch.Tensor:
-        return _prep_keys(K, self.d_k, self.dtype, self.device, self.layer)
+        self.L = cholesky_factor(Cd, layer=layer)  # (d_k, d_k) lower, chol(C)
 
     def rome(self, K: torch.Tensor) -> torch.Tensor:
         """Column-wise rank-one ROME: ``Y_i = C⁻¹k_i / (k_iᵀ C⁻¹ k_i)``, each request independent.
@@ -290,7 +299,7 @@ class CovarianceSolver:
         return _out(Y, self.out_dtype), _out(G, self.out_dtype)
 
 
-class NullSpaceSolver:
+class NullSpaceSolver(_LayerSolver):
     """AlphaEdit null-space constrained solve for one layer, sequential over batches.
 
     ``U0`` (d_k, r): eigenvectors of ``C`` with eigenvalue ``< threshold`` (the
@@ -317,18 +326,10 @@ class NullSpaceSolver:
         dtype: torch.dtype = torch.float64,
         out_dtype: torch.dtype | None = torch.float32,
     ):
-        if C.dim() != 2 or C.shape[0] != C.shape[1]:
-            raise ValueError(f"{_where(layer)}C must be square, got {tuple(C.shape)}")
-        _check_finite(C, "second moment C", layer)
-        self.layer = layer
+        Cd = self._init_layer(C, layer, dtype, out_dtype)
         self.threshold = float(threshold)
         self.lam = float(lam)
-        self.dtype = dtype
-        self.out_dtype = out_dtype
-        self.device = C.device
-        self.d_k = C.shape[0]
-        Cd = C.to(dtype)
-        evals, evecs = torch.linalg.eigh(0.5 * (Cd + Cd.T))
+        evals, evecs = torch.linalg.eigh(Cd)
         self.U0 = evecs[:, evals < self.threshold].contiguous()  # (d_k, r)
         r = self.U0.shape[1]
         self.L_A = math.sqrt(self.lam) * torch.eye(r, dtype=dtype, device=self.device)  # chol(A)
@@ -343,9 +344,6 @@ class NullSpaceSolver:
     def projector(self) -> torch.Tensor:
         """P = U0 U0ᵀ: (d_k, d_k) in the solve dtype."""
         return self.U0 @ self.U0.T
-
-    def _keys(self, K: torch.Tensor) -> torch.Tensor:
-        return _prep_keys(K, self.d_k, self.dtype, self.device, self.layer)
 
     def solve(self, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``Y = U0 (A + K̃K̃ᵀ)⁻¹ K̃`` with ``K̃ = U0ᵀK``, by Woodbury ``A⁻¹K̃ (I + K̃ᵀA⁻¹K̃)⁻¹``.
