@@ -40,7 +40,7 @@ class EditHParams:
     context_template_count / context_template_length: generated context prefixes.
     stats_tokens / stats_max_length / stats_dtype: key second-moment statistics.
     solve_dtype: float64 or float32 for the closed-form solves.
-    target_chunk_tokens: tokens per target-optimisation chunk (bounds memory).
+    target_chunk_tokens: padded tokens run per target-optimisation step and chunk (bounds memory).
     """
 
     layers: list[int] = field(default_factory=list)
@@ -56,7 +56,7 @@ class EditHParams:
     stats_max_length: int = 512
     stats_dtype: str = "float32"
     solve_dtype: str = "float64"
-    target_chunk_tokens: int = 6144
+    target_chunk_tokens: int = 4096
 
     method = "base"
 

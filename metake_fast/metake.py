@@ -93,8 +93,11 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     if hp.outer_steps == 0 or u == 0:
         return (tres.h + R).T
     cfg = editor._target_config()
-    chunks = _chunks(tok, reqs, templates, cfg.chunk_tokens)
-    problems = [ChunkProblem(model, tok, adapter, reqs[lo:hi], L, templates, cfg.prefix_cache) for lo, hi in chunks]
+    chunks = _chunks(tok, reqs, templates, cfg.chunk_tokens, cfg.prefix_cache)
+    problems = [
+        ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, templates, cfg.prefix_cache) for idx in chunks
+    ]
+    chunks = [torch.tensor(idx, device=dev) for idx in chunks]
     h_norm = tres.h.norm(dim=1).to(dev)
     max_norm = hp.outer_clamp_norm_factor * h_norm
     opt = MaskedAdam(R, hp.outer_lr)
@@ -104,14 +107,14 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
         virt = (G.T @ R).detach()  # rows of R G: the injected (virtual) residuals
         g_virt = torch.zeros_like(virt)
         nll_all = torch.zeros(u, device=dev)
-        for (lo, hi), prob in zip(chunks, problems):
-            x = virt[lo:hi].clone().requires_grad_(True)
+        for idx, prob in zip(chunks, problems):
+            x = virt[idx].clone().requires_grad_(True)
             nll, kl = prob.losses(x, with_kl=hp.outer_kl and hp.kl_factor > 0)
-            loss = (nll + hp.kl_factor * kl)[active[lo:hi]].sum()
+            loss = (nll + hp.kl_factor * kl)[active[idx]].sum()
             if loss.requires_grad:
                 (g,) = torch.autograd.grad(loss, x)
-                g_virt[lo:hi] = g
-            nll_all[lo:hi] = nll.detach()
+                g_virt[idx] = g
+            nll_all[idx] = nll.detach()
         active &= nll_all > cfg.early_stop_nll
         if not bool(active.any()):
             break
