@@ -531,8 +531,36 @@ def run_evaluation(
     editor._ensure_solvers()
     stats_s = editor.stats_seconds - s0
 
+    # One Editor.edit call per batch (sequential calls accumulate exactly like one long run),
+    # so that the running efficacy of every edit so far is logged after each batch to
+    # <out stem>.progress.jsonl: an hours-long run shows collapse as it happens and leaves
+    # a partial result if it is stopped.
+    prog_path = out_path.with_name(out_path.stem + ".progress.jsonl") if out_path is not None else None
+    if prog_path is not None:
+        prog_path.write_text("")
     t0 = time.perf_counter()
-    report = editor.edit(requests, batch_size=batch_size, score=False)
+    report = None
+    for b0 in range(0, len(requests), batch_size):
+        part = editor.edit(requests[b0 : b0 + batch_size], batch_size=batch_size, score=False, track=True)
+        if report is None:
+            report = part
+        else:
+            report.requests.extend(part.requests)
+            report.batches += part.batches
+            for k, v in part.timing.items():
+                report.timing[k] = report.timing.get(k, 0.0) + v
+        run = part.running or {}
+        line = {
+            "batch": report.batches,
+            "edits": run.get("edits"),
+            "running_efficacy": _pct(_finite(run.get("efficacy", float("nan")))),
+            "running_mean_p_new": _finite(run.get("mean_p_new", float("nan"))),
+            "edit_s": time.perf_counter() - t0 - report.timing.get("stats", 0.0) - report.timing.get("score", 0.0),
+        }
+        log.info("batch %d: %s", report.batches, line)
+        if prog_path is not None:
+            with open(prog_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
     edit_s = time.perf_counter() - t0 - report.timing.get("stats", 0.0) - report.timing.get("score", 0.0)
     stats_s += report.timing.get("stats", 0.0)
 
