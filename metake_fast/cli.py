@@ -146,19 +146,55 @@ def _quiet_transformers(verbose: bool) -> None:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
     from .corpus import load_corpus
-    from .models import ModelError, cache_dir, get_adapter, load_model
-    from .stats import second_moment
+    from .models import cache_dir
 
     parse_layers(args.layers)  # syntax errors before the slow model load
     corpus = load_corpus(args.corpus)
     cache = False if args.no_cache else check_cache_dir(args.cache_dir if args.cache_dir else cache_dir())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _quiet_transformers(args.verbose)
+    rank, world = _init_distributed(device)
+    try:
+        return _stats_pass(args, corpus, cache, device, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on CUDA, gloo on CPU)."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _stats_pass(args, corpus, cache, device, rank: int, world: int) -> int:
+    import time
+
+    import torch
+
+    from .models import ModelError, get_adapter, load_model
+    from .stats import second_moment
+
+    if world > 1 and str(device) == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     except ModelError:
@@ -175,6 +211,10 @@ def _run_stats(args: argparse.Namespace) -> int:
     )  # fmt: skip
     total = time.perf_counter() - t0
     adapter = get_adapter(model)
+    if rank != 0:
+        return 0
+    if world > 1:
+        print(f"data-parallel over {world} ranks (torch.distributed); sums all-reduced")
     print(f"model {args.model}  corpus {corpus.name} ({corpus.fingerprint})  device {device}  dtype {args.dtype}")
     print(f"{'layer':>5}  {'module':<28} {'d_k':>5} {'tokens':>9} {'trace(C)':>11} {'time s':>8} {'tok/s':>9}  source")
     for layer, m in stats.items():
@@ -185,6 +225,12 @@ def _run_stats(args: argparse.Namespace) -> int:
             f" {m.seconds:>8.2f} {rate:>9}  {m.source}{'' if m.path is None else '  ' + str(m.path)}"
         )
     print(f"total {total:.2f} s")
+    unsaved = {layer: m.cache_error for layer, m in stats.items() if m.cache_error is not None}
+    if unsaved:
+        raise UsageError(
+            f"statistics for layer(s) {sorted(unsaved)} were computed but could not be written to the cache "
+            f"{cache}: {next(iter(unsaved.values()))}"
+        )
     return 0
 
 

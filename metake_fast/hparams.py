@@ -157,6 +157,7 @@ _CHOICES = {
     "base_solver": ("alphaedit", "memit"),
 }
 _POSITIVE = {
+    "v_num_grad_steps",
     "v_lr",
     "clamp_norm_factor",
     "stats_tokens",
@@ -169,7 +170,6 @@ _POSITIVE = {
     "outer_clamp_norm_factor",
 }
 _NONNEG = {
-    "v_num_grad_steps",
     "v_weight_decay",
     "kl_factor",
     "early_stop_nll",
@@ -221,6 +221,8 @@ def _coerce(name: str, typ, value):
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             raise HParamsError(f"hparams field {name!r}: expected a list of layer indices, got {value!r}")
+        if not value:
+            raise HParamsError(f"hparams field {name!r}: give at least one layer (or leave it out for the default)")
         return sorted(set(int(v) for v in value))
     return value
 

@@ -18,6 +18,7 @@ them after an interruption, giving bitwise the same sums.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ class LayerMoment:
     count: number of (non-pad) tokens summed.
     source: ``"cache"``, ``"computed"`` or ``"resumed"`` (computed from a checkpoint).
     seconds: wall time of the pass that produced it (or of the cache load).
+    path / cache_error: the cache file, or why it could not be written (for example a full disk).
     """
 
     sum: torch.Tensor
@@ -74,6 +76,7 @@ class LayerMoment:
     source: str = "computed"
     seconds: float = 0.0
     path: Path | None = None
+    cache_error: str | None = None  # why a computed result could not be written to the cache
 
     @property
     def mean(self) -> torch.Tensor:
@@ -151,8 +154,8 @@ def _checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(t.numpy()).hexdigest()
 
 
-def _save(path: Path, S: torch.Tensor, count: int, key: dict, **extra) -> bool:
-    """Atomically write ``S`` with its key and checksum; False (and a warning) on I/O errors."""
+def _save(path: Path, S: torch.Tensor, count: int, key: dict, **extra) -> str | None:
+    """Atomically write ``S`` with its key and checksum; None, or the reason (and a warning) on I/O errors."""
     from safetensors.torch import save_file
 
     cpu = S.detach().to("cpu").contiguous()
@@ -162,11 +165,22 @@ def _save(path: Path, S: torch.Tensor, count: int, key: dict, **extra) -> bool:
     try:
         save_file({"sum": cpu}, str(tmp), metadata=meta)
         os.replace(tmp, path)
-        return True
+        return None
     except OSError as e:
-        log.warning("could not write statistics cache file %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
-        return False
+        reason = f"{'disk full: ' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''}{e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning(
+                "disk full: could not write statistics cache file %s (%s); the statistics are used but not "
+                "cached. Free space or point the cache elsewhere (--cache-dir / METAKE_FAST_CACHE).",
+                path, e.strerror or e,
+            )  # fmt: skip
+        else:
+            log.warning("could not write statistics cache file %s: %s", path, e)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return reason
 
 
 def _load(path: Path, key: dict, device) -> tuple[torch.Tensor, int, dict] | None:
@@ -308,6 +322,15 @@ def _prepare_cache_dir(cache) -> Path | None:
     return directory
 
 
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def second_moment(
     model: nn.Module,
     tokenizer,
@@ -335,6 +358,12 @@ def second_moment(
     cache:      True (``cache_dir()/stats``), a directory (``<dir>/stats``), or False.
     checkpoint_every: with a cache, write partial checkpoints every this many tokens
                 (None: never); an interrupted pass resumes from the last one.
+
+    Data-parallel: when a ``torch.distributed`` process group is initialised (for
+    example under ``torchrun``; gloo on CPU, NCCL on GPUs), every rank reads the same
+    token stream and runs every ``world_size``-th batch; the sums are all-reduced, so
+    every rank returns the single-process result up to fp32 summation order. Only
+    rank 0 writes the cache; partial checkpoints are not written in this mode.
     """
     adapter = get_adapter(model)
     layer_list = _parse_layers(layers, adapter.num_layers(model))
@@ -408,6 +437,10 @@ def _compute(
     if not sums:
         sums = {layer: torch.zeros(d_k[layer], d_k[layer], dtype=dtype, device=devices[layer]) for layer in layers}
     source = "resumed" if start_tokens else "computed"
+    rank, world = distributed_world()
+    if world > 1:
+        checkpoint_every = None  # partial sums differ per rank; a distributed pass restarts from scratch
+        source = "computed-distributed" if source == "computed" else source
 
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -432,10 +465,11 @@ def _compute(
     model.eval()
     consumed, docs_done, since_ckpt = start_tokens, start_docs, 0
     bar = tqdm(
-        total=tokens, initial=start_tokens, unit="tok", unit_scale=True, disable=not progress,
-        desc=f"second moment L{','.join(map(str, layers))}", dynamic_ncols=True,
+        total=tokens, initial=start_tokens, unit="tok", unit_scale=True,
+        desc=f"second moment L{','.join(map(str, layers))}", dynamic_ncols=True, disable=not progress or rank != 0,
     )  # fmt: skip
     t0 = time.perf_counter()
+    batch_no = -1
     try:
         with torch.no_grad():
             documents = _tokenized_documents(corpus, tokenizer, start_docs)
@@ -443,6 +477,10 @@ def _compute(
                 documents, max_length, tokens, start_tokens, pool_tokens=4 * batch_tokens
             ):
                 for rows in _batches(pool, batch_tokens):
+                    batch_no += 1
+                    if batch_no % world != rank:  # another rank's batch
+                        bar.update(sum(len(c) for c in rows))
+                        continue
                     width = len(rows[0])
                     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
                     attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -469,6 +507,11 @@ def _compute(
         for h in handles:
             h.remove()
         model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        for layer in layers:
+            dist.all_reduce(sums[layer])
     seconds = time.perf_counter() - t0
     if consumed == 0:
         raise CorpusError(f"corpus {corpus.name} produced no tokens")
@@ -477,11 +520,16 @@ def _compute(
 
     out = {}
     for layer in layers:
-        path = None
-        if directory is not None:
+        path, cache_error = None, None
+        if directory is not None and rank == 0:
             path = _cache_path(directory, keys[layer])
-            if not _save(path, sums[layer], consumed, keys[layer], documents=docs_done):
+            cache_error = _save(path, sums[layer], consumed, keys[layer], documents=docs_done)
+            if cache_error is not None:
                 path = None
             _cache_path(directory, keys[layer], partial=True).unlink(missing_ok=True)
-        out[layer] = LayerMoment(sums[layer], consumed, layer, source, seconds, path)
+        out[layer] = LayerMoment(sums[layer], consumed, layer, source, seconds, path, cache_error)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the cache file exists for every rank once this returns
     return out

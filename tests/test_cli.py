@@ -63,6 +63,24 @@ def test_stats_success_then_cache_hit(capsys, model_dir, corpus_file, tmp_path):
     assert rc == 0 and out.count(" cache ") == 2
 
 
+def test_stats_disk_full_exit_2(capsys, model_dir, corpus_file, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    rc, out, err = run_cli(
+        capsys, "stats", "--model", model_dir, "--layers", "1", "--corpus", corpus_file, "--tokens", "200",
+        "--max-length", "64", "--cache-dir", tmp_path / "cache", "--no-progress",
+    )  # fmt: skip
+    assert rc == 2 and "computed" in out
+    assert "disk full" in err and "No space left on device" in err and "could not be written" in err
+    assert "Traceback" not in err and not list((tmp_path / "cache" / "stats").iterdir())
+
+
 def test_stats_no_cache_fp64_bf16(capsys, model_dir, corpus_file):
     rc, out, err = run_cli(
         capsys, "stats", "--model", model_dir, "--layers", "0,3", "--corpus", corpus_file, "--tokens", "1k",

@@ -286,3 +286,66 @@ def load_corpus_texts(n):
         if i == n:
             return
         yield t
+
+
+def test_disk_full_is_reported_and_result_still_correct(tok, model, tmp_path, monkeypatch, caplog):
+    import errno
+
+    import safetensors.torch
+
+    kw = dict(tokens=300, max_length=40, progress=False)
+    ref = second_moment(model, tok, [1], TEXTS, cache=False, **kw)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level(logging.WARNING, logger="metake_fast.stats"):
+        got = second_moment(model, tok, [1], TEXTS, cache=tmp_path, **kw)
+    assert torch.equal(got[1].sum, ref[1].sum) and got[1].path is None
+    assert any("disk full" in r.getMessage() and "No space left" in r.getMessage() for r in caplog.records)
+    assert not [p for p in (tmp_path / "stats").iterdir()]  # no temporary or partial file left behind
+
+
+_WORKER = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from _tiny import corpus_lines, tiny_model, tiny_tokenizer
+from metake_fast.stats import second_moment
+texts = [t for t in corpus_lines(60)[20:60]] + ["Short one.", "Tiny."]
+out = second_moment(tiny_model("llama", layers=4, seed=0), tiny_tokenizer(), [0, 2], texts, tokens=1500,
+                    max_length=40, batch_tokens=80, progress=False, checkpoint_every=100, cache={cache!r})
+torch.save({{l: (m.sum, m.count, m.source) for l, m in out.items()}}, sys.argv[1])
+"""
+
+
+def test_two_processes_writing_the_same_cache(tok, model, tmp_path):
+    """Two processes compute the same statistics into one cache at once: both results and the cache are exact."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "cache"
+    script = _WORKER.format(tests=str(Path(__file__).parent), cache=str(cache))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"r{i}.pt")], env=env, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    ref = second_moment(model, tok, [0, 2], TEXTS, tokens=1500, max_length=40, batch_tokens=80, progress=False,
+                        cache=False)  # fmt: skip
+    for i in range(2):
+        got = torch.load(tmp_path / f"r{i}.pt")
+        for l in (0, 2):
+            assert got[l][1] == ref[l].count and torch.equal(got[l][0], ref[l].sum)
+    again = second_moment(model, tok, [0, 2], TEXTS, tokens=1500, max_length=40, batch_tokens=80, progress=False,
+                          cache=cache)  # fmt: skip
+    for l in (0, 2):
+        assert again[l].source == "cache" and torch.equal(again[l].sum, ref[l].sum)
+    names = sorted(p.name for p in (cache / "stats").iterdir())
+    assert len(names) == 2 and all(not n.startswith(".") and ".partial" not in n for n in names), names
