@@ -64,6 +64,7 @@ DATASET_NAMES: dict[str, str] = {
     "counterfact": "counterfact_flat_1k.json.gz",
     "counterfact-flat": "counterfact_flat_1k.json.gz",
     "counterfact-full": "counterfact_full_239.json.gz",
+    "counterfact-10k": "counterfact_flat_10k.json.gz",  # the first 1k are "counterfact"; for scale runs
     "zsre": "zsre_737.json.gz",
 }
 

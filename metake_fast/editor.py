@@ -158,11 +158,23 @@ class Editor:
         self.cache = cache
         self.progress = progress
         self.layers = list(self.hparams.layers)
+        self._check_resident()
         self.fingerprint = weights_fingerprint(model)
         self._original = {layer: self.adapter.edit_weight(model, layer).detach().clone() for layer in self.layers}
         self._solvers: dict[int, object] = {}
         self.stats_seconds = 0.0
         self.history: list[EditRequest] = []
+
+    def _check_resident(self) -> None:
+        """Edited weights must live on a device: an offloaded one (``meta``) cannot be written in place."""
+        for layer in self.layers:
+            w = self.adapter.edit_weight(self.model, layer)
+            if w.is_meta:
+                raise EditError(
+                    f"layer {layer}: {self.adapter.edit_module_name(layer)}.weight is offloaded (device_map 'disk' or "
+                    "CPU offload) and cannot be edited in place; map the edited layers to a device (other layers "
+                    "may stay offloaded)"
+                )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -250,6 +262,7 @@ class Editor:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise RequestError(None, f"batch_size must be a positive integer, got {batch_size!r}", code="batch_size")
         reqs = validate_requests(requests, self.tok)
+        self._check_resident()
         report = EditReport(self.method)
         if not reqs:
             return report

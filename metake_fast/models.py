@@ -179,6 +179,27 @@ def _has_path(model, path: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
+def offloaded_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The stored value of a parameter that accelerate offloaded (it is on ``meta`` in the module).
+
+    With ``device_map`` entries ``"disk"`` (or CPU offload) accelerate keeps the
+    weight in a hook's ``weights_map`` and loads it for each forward. Raises
+    :class:`ModelError` if ``name`` is on ``meta`` without such a hook.
+    """
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut])) if cut else model
+        hook = getattr(module, "_hf_hook", None)
+        for hk in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            wmap = getattr(hk, "weights_map", None)
+            if wmap is not None:
+                try:
+                    return wmap[".".join(parts[cut:])]
+                except KeyError:
+                    pass
+    raise ModelError(f"parameter {name} is on the meta device and no offload hook holds its value")
+
+
 def weights_fingerprint(model: nn.Module, max_layer: int | None = None) -> str:
     """A short hash of the model's weights (names, shapes, dtypes and a strided sample of every tensor).
 
@@ -194,6 +215,8 @@ def weights_fingerprint(model: nn.Module, max_layer: int | None = None) -> str:
         if max_layer is not None and name.startswith(prefix):
             if int(name[len(prefix) :].split(".")[0]) > max_layer:
                 continue
+        if p.is_meta:  # offloaded by accelerate (device_map "disk" / cpu offload): hash the stored value
+            p = offloaded_value(model, name)
         h.update(name.encode())
         h.update(str((tuple(p.shape), str(p.dtype))).encode())
         flat = p.detach().reshape(-1)
