@@ -8,6 +8,7 @@ Modules (each imports Triton)
     ``second_moment_accumulate``  ``S += X[mask]ᵀ X[mask]`` (lower-triangle tiles, mirrored)
     ``apply_update``              ``W += R Yᵀ`` in place, both orientations
     ``fused_target_logprob``      target log-prob with online log-sum-exp, and its backward
+    ``gated_delta_inject``        hidden + gated residual rows at given positions, one pass
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ TRITON_OPS: dict[str, tuple[str, str]] = {
     "apply_update_": ("apply_update", "apply_update_"),
     "fused_target_logprob": ("fused_target_logprob", "fused_target_logprob"),
     "fused_target_logprob_backward": ("fused_target_logprob", "fused_target_logprob_backward"),
+    "gated_delta_inject": ("gated_delta_inject", "gated_delta_inject"),
 }
 
 PROVIDER = "Triton"

@@ -104,24 +104,25 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     active = torch.ones(u, dtype=torch.bool, device=dev)
     bar = tqdm(total=hp.outer_steps, desc="metake outer", disable=not editor.progress, leave=False)
     for _ in range(hp.outer_steps):
-        virt = (G.T @ R).detach()  # rows of R G: the injected (virtual) residuals
-        g_virt = torch.zeros_like(virt)
+        # Each chunk sees the virtual residuals (Gᵀ R)[idx] = G[:, idx]ᵀ R through the
+        # gated_delta_inject op, whose gradient w.r.t. R is G[:, idx] ∇_virt; summed over
+        # the chunks this is the structural gradient proxy G ∇_H̃ F (row layout).
+        Rg = R.detach().clone().requires_grad_(True)
+        g_proxy = torch.zeros_like(R)
         nll_all = torch.zeros(u, device=dev)
         for idx, prob in zip(chunks, problems):
-            x = virt[idx].clone().requires_grad_(True)
-            nll, kl = prob.losses(x, with_kl=hp.outer_kl and hp.kl_factor > 0)
+            nll, kl = prob.losses(Rg, with_kl=hp.outer_kl and hp.kl_factor > 0, gate=G[:, idx])
             loss = (nll + hp.kl_factor * kl)[active[idx]].sum()
             if loss.requires_grad:
-                (g,) = torch.autograd.grad(loss, x)
-                g_virt[idx] = g
+                (g,) = torch.autograd.grad(loss, Rg)
+                g_proxy += g
             nll_all[idx] = nll.detach()
         active &= nll_all > cfg.early_stop_nll
         if not bool(active.any()):
             break
-        Rg = R.clone().requires_grad_(True)
         reg = hp.gamma * _omega(Rg, h_norm, gdiag, hp.omega)[active].sum()
         (g_reg,) = torch.autograd.grad(reg, Rg)
-        grad = G @ g_virt + g_reg  # structural gradient proxy (row layout) + regulariser
+        grad = g_proxy + g_reg  # structural gradient proxy + regulariser
         opt.step(grad, active)
         clamp_rows_(R, max_norm)
         bar.update(1)

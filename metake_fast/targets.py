@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import ModelAdapter
+from .ops.gated_delta_inject import gated_delta_inject
 from .requests import EditRequest
 from .runner import (
     encode_target,
@@ -168,8 +169,14 @@ class _ChunkRunner:
         """Map remainder-relative columns to this runner's columns."""
         return cols if self.use_cache else cols + self.inject_col[rows]
 
-    def forward(self, delta: torch.Tensor | None, capture_h: bool = False):
-        """Final normed hidden states (B, T, d). ``delta`` (u_chunk, d_v) or None."""
+    def forward(self, delta: torch.Tensor | None, capture_h: bool = False, gate: torch.Tensor | None = None):
+        """Final hidden states (B, T, d) with ``(gateᵀ delta)[owner]`` injected after layer L.
+
+        ``delta``: (u_in, d_v) or None; ``gate``: (u_in, u_chunk) or None (identity,
+        ``delta`` is then the chunk's own (u_chunk, d_v) rows). Through the
+        ``gated_delta_inject`` op: one pass over the hidden states, and the gradient
+        w.r.t. ``delta`` is ``gate @ ∇`` (MetaKE's structural proxy).
+        """
         captured = {}
 
         def hook(module, args, output):
@@ -177,9 +184,7 @@ class _ChunkRunner:
             if capture_h:
                 captured["h"] = hs[self.rows, self.inject_col].detach().float()
             if delta is not None:
-                add = torch.zeros_like(hs)
-                add = add.index_put((self.rows, self.inject_col), delta[self.owner].to(hs.dtype))
-                hs = hs + add
+                hs = gated_delta_inject(hs, delta, self.rows, self.inject_col, self.owner, gate=gate)
                 return (hs,) + tuple(output[1:]) if isinstance(output, tuple) else hs
             return output
 
@@ -288,8 +293,8 @@ class ChunkProblem:
             self.nll_init = torch.zeros(self.u, device=dev).index_add_(0, self.t_own, -lp0 * self.t_w)
         self.h = h_all[bare]
 
-    def losses(self, delta: torch.Tensor, with_kl: bool = True):
-        hid, _ = self.run.forward(delta)
+    def losses(self, delta: torch.Tensor, with_kl: bool = True, gate: torch.Tensor | None = None):
+        hid, _ = self.run.forward(delta, gate=gate)
         lp = target_logprobs(self.model, self.adapter, self.norm(hid[self.t_rows, self.t_cols]), self.t_ids)
         nll = torch.zeros(self.u, device=self.dev, dtype=lp.dtype).index_add(0, self.t_own, -lp * self.t_w)
         if not with_kl:

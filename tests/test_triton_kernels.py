@@ -316,3 +316,28 @@ def test_bench_harness_smoke():
     ).stdout
     for op in ("second_moment_accumulate", "apply_update_", "fused_target_logprob", "fused_target_logprob_backward"):
         assert op in out
+
+
+# ---------------------------------------------------------------------------
+# gated_delta_inject
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (2, 5, 7, 3, 2, 4), (3, 13, 70, 5, 5, 9), (2, 9, 33, 4, 3, 0)])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_gated_delta_inject(dtype, shape, gated, repeat):
+    from test_op_gated_delta_inject import oracle, problem
+
+    from metake_fast.ops import inject_reference
+
+    kmod = _kernel_module("gated_delta_inject")
+    B, T, d, u_in, u_out, n = shape
+    args = problem(B, T, d, u_in, u_out, n, dtype, torch.float32, gated, repeat, seed=sum(shape))
+    got = kmod.gated_delta_inject(*args)
+    assert got.dtype == dtype
+    assert_close_as_reference(got, inject_reference(*args), oracle(*args), f"inject {dtype} {shape}")
+    # fp64 delta: the reference path, bit-identical
+    args64 = (args[0], args[1].double(), None if args[2] is None else args[2].double(), *args[3:])
+    assert torch.equal(kmod.gated_delta_inject(*args64), inject_reference(*args64))

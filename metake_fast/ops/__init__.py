@@ -14,6 +14,7 @@ from .fused_target_logprob import (
     target_logprob_backward_reference,
     target_logprob_reference,
 )
+from .gated_delta_inject import gated_delta_inject, inject_backward_reference, inject_reference
 from .registry import OPS, format_backends, reference_forced, resolved_backends
 from .second_moment_accumulate import second_moment_accumulate, second_moment_accumulate_reference
 
@@ -25,6 +26,9 @@ __all__ = [
     "apply_update_reference",
     "format_backends",
     "fused_target_logprob",
+    "gated_delta_inject",
+    "inject_backward_reference",
+    "inject_reference",
     "reference_forced",
     "resolved_backends",
     "second_moment_accumulate",
