@@ -38,9 +38,7 @@ import torch
 from .registry import define_op
 
 FWD_SCHEMA = "(Tensor hidden, Tensor delta, Tensor? gate, Tensor rows, Tensor cols, Tensor owner) -> Tensor"
-BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor delta, Tensor? gate, Tensor rows, Tensor cols, Tensor owner) -> (Tensor, Tensor)"
-)
+BWD_SCHEMA = "(Tensor grad_out, Tensor delta, Tensor? gate, Tensor rows, Tensor cols, Tensor owner) -> (Tensor, Tensor)"
 
 
 def check_inputs(hidden, delta, gate, rows, cols, owner) -> None:
