@@ -30,10 +30,13 @@ export MAX_JOBS="${MAX_JOBS:-16}" METAKE_FAST_CUDA_ARCHS="${METAKE_FAST_CUDA_ARC
 run build python setup.py build_ext --inplace
 run tests_gpu python -m pytest -q -x -p no:cacheprovider -m "not slow" \
   tests/test_op_second_moment_accumulate.py tests/test_op_apply_update.py tests/test_op_fused_target_logprob.py \
+  tests/test_op_gated_delta_inject.py tests/test_op_fused_kl.py \
   tests/test_extension.py tests/test_solvers.py tests/test_metake.py
 run bench_second_moment_accumulate python bench/bench_second_moment_accumulate.py --large
 run bench_apply_update python bench/bench_apply_update.py --large
 run bench_fused_target_logprob python bench/bench_fused_target_logprob.py --large
+run bench_gated_delta_inject python bench/bench_gated_delta_inject.py --large
+run bench_fused_kl python bench/bench_fused_kl.py --large --no-compile
 run bench_triton python bench/bench_triton.py
 run bench_editor python bench/bench_editor.py --config llama3-8b --dtype bf16 --device cuda \
   --n "${GPU_CHECK_EDITOR_N:-1000}" --batch-size 100 --methods alphaedit,metake --providers metake_fast

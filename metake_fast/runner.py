@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .models import ModelAdapter
-from .ops import fused_target_logprob
+from .ops import fused_kl, fused_target_logprob
 
 
 class _StopForward(Exception):
@@ -207,6 +207,29 @@ def full_logprobs(model: nn.Module, adapter: ModelAdapter, hidden: torch.Tensor)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.log_softmax(logits, -1)
+
+
+class KLReference:
+    """The unedited side of the essence KL for a few rows: the hidden states ``h₀`` on the fused path
+    (no vocabulary-sized tensor kept), or the full log-probabilities where the model has an
+    unembedding bias or a logit soft-cap (which the fused op does not model)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, hidden: torch.Tensor, chunk: int = 8192):
+        weight, bias, softcap = final_logits_spec(model, adapter)
+        self.model, self.adapter, self.chunk = model, adapter, chunk
+        self.fused = bias is None and not softcap
+        if self.fused:
+            self.h0 = hidden.detach().to(weight.dtype)  # (n, d): q is recomputed chunk by chunk
+        else:
+            self.logp0 = full_logprobs(model, adapter, hidden.detach())
+
+    def kl(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``KL(p ‖ p₀)`` per row (as in ROME: current distribution first)."""
+        if self.fused:
+            weight, _, _ = final_logits_spec(self.model, self.adapter)
+            return fused_kl(hidden.to(weight.dtype), self.h0, weight, self.chunk)
+        lp = full_logprobs(self.model, self.adapter, hidden)
+        return (lp.exp() * (lp - self.logp0)).sum(-1)
 
 
 def final_hidden(model: nn.Module, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:

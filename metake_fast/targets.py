@@ -30,8 +30,8 @@ from .models import ModelAdapter
 from .ops.gated_delta_inject import gated_delta_inject
 from .requests import EditRequest
 from .runner import (
+    KLReference,
     encode_target,
-    full_logprobs,
     make_batch,
     model_device,
     pad_id,
@@ -288,7 +288,7 @@ class ChunkProblem:
         bare = torch.tensor(lay.bare_rows, device=dev)
         with torch.no_grad():
             hid, h_all = run.forward(None, capture_h=True)
-            self.kl_init = full_logprobs(model, adapter, self.norm(hid[self.k_rows, self.k_cols]))
+            self.kl_ref = KLReference(model, adapter, self.norm(hid[self.k_rows, self.k_cols]))
             lp0 = target_logprobs(model, adapter, self.norm(hid[self.t_rows, self.t_cols]), self.t_ids)
             self.nll_init = torch.zeros(self.u, device=dev).index_add_(0, self.t_own, -lp0 * self.t_w)
         self.h = h_all[bare]
@@ -299,8 +299,7 @@ class ChunkProblem:
         nll = torch.zeros(self.u, device=self.dev, dtype=lp.dtype).index_add(0, self.t_own, -lp * self.t_w)
         if not with_kl:
             return nll, torch.zeros_like(nll)
-        kl_lp = full_logprobs(self.model, self.adapter, self.norm(hid[self.k_rows, self.k_cols]))
-        kl = (kl_lp.exp() * (kl_lp - self.kl_init)).sum(-1)  # KL(current ‖ initial), as in ROME
+        kl = self.kl_ref.kl(self.norm(hid[self.k_rows, self.k_cols]))  # KL(current ‖ initial), as in ROME
         return nll, kl
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .apply_update import apply_update_, apply_update_reference
 from .backends import load_backends
+from .fused_kl import fused_kl, kl_backward_reference, kl_reference
 from .fused_target_logprob import (
     fused_target_logprob,
     target_logprob_backward_reference,
@@ -25,10 +26,13 @@ __all__ = [
     "apply_update_",
     "apply_update_reference",
     "format_backends",
+    "fused_kl",
     "fused_target_logprob",
     "gated_delta_inject",
     "inject_backward_reference",
     "inject_reference",
+    "kl_backward_reference",
+    "kl_reference",
     "reference_forced",
     "resolved_backends",
     "second_moment_accumulate",
