@@ -1,0 +1,71 @@
+"""Sequential stability: many ``edit`` calls accumulate exactly like one long sequential run,
+and ``track=True`` reports the running metrics of every edit so far."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from _tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from metake_fast.editor import Editor  # noqa: E402
+
+HP = {"v_num_grad_steps": 4, "stats_tokens": 1500, "stats_max_length": 48, "context_template_count": 1,
+      "context_template_length": 3, "layers": [1, 2]}  # fmt: skip
+REQS = [
+    {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"},
+    {"prompt": "Bob Smith works for", "subject": "Bob Smith", "target_new": "Google", "target_true": "Apple"},
+    {"prompt": "The river Nile flows into", "subject": "river Nile", "target_new": "the Baltic", "target_true": "Egypt"},
+    {"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano", "target_true": "guitar"},
+    {"prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English", "target_true": "French"},
+    {"prompt": "Michel Rocard was born in", "subject": "Michel Rocard", "target_new": "Tokyo", "target_true": "Paris"},
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _editor(cache, method):
+    return Editor(tiny_model("llama", layers=4, seed=0), tiny_tokenizer(), method, HP, cache=cache, progress=False)
+
+
+def _edited(ed):
+    return {layer: ed.adapter.edit_weight(ed.model, layer).detach().clone() for layer in ed.layers}
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "metake"])
+def test_many_calls_equal_one_sequential_run(tmp_path, method):
+    one = _editor(tmp_path, method)
+    one.edit(REQS, batch_size=2, score=False)
+    many = _editor(tmp_path, method)
+    for s in range(0, len(REQS), 2):
+        many.edit(REQS[s : s + 2], batch_size=2, score=False)
+    a, b = _edited(one), _edited(many)
+    for layer in a:
+        assert torch.equal(a[layer], b[layer]), layer  # same batches, same order: bit-identical
+    assert [r.subject for r in one.history] == [r.subject for r in many.history]
+    if method != "memit":  # the AlphaEdit null-space history is part of the state
+        sa, sb = one._solvers[one.layers[-1]].state_dict(), many._solvers[many.layers[-1]].state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_track_reports_running_metrics_of_all_edits(tmp_path):
+    ed = _editor(tmp_path, "alphaedit")
+    r1 = ed.edit(REQS[:3], batch_size=3, track=True)
+    assert r1.running["edits"] == 3
+    r2 = ed.edit(REQS[3:], batch_size=3, track=True)
+    assert r2.running["edits"] == 6
+    # oracle: score every edit so far directly on the model as it is now
+    p_new, p_true = ed._score(ed.history)
+    ok = [pn > pt for pn, pt in zip(p_new, p_true)]
+    assert r2.running["efficacy"] == pytest.approx(sum(ok) / len(ok))
+    assert r2.running["mean_p_new"] == pytest.approx(sum(p_new) / len(p_new))
+    # the second call's own report covers only its requests
+    assert [r.subject for r in r2.requests] == [r["subject"] for r in REQS[3:]]
