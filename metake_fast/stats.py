@@ -154,6 +154,14 @@ def _checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(t.numpy()).hexdigest()
 
 
+def _unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it exists; an error here must not hide the one being reported."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _save(path: Path, S: torch.Tensor, count: int, key: dict, **extra) -> str | None:
     """Atomically write ``S`` with its key and checksum; None, or the reason (and a warning) on I/O errors."""
     from safetensors.torch import save_file
@@ -176,10 +184,7 @@ def _save(path: Path, S: torch.Tensor, count: int, key: dict, **extra) -> str | 
             )  # fmt: skip
         else:
             log.warning("could not write statistics cache file %s: %s", path, e)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         return reason
 
 
@@ -202,10 +207,7 @@ def _load(path: Path, key: dict, device) -> tuple[torch.Tensor, int, dict] | Non
         count = int(meta["count"])
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
         log.warning("statistics cache file %s is unreadable (%s); deleting it and recomputing", path, e)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _unlink_quietly(path)
         return None
     return S.to(device), count, meta
 

@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
 from _tiny import save_tiny  # noqa: E402
 
 from metake_fast.cli import SUBCOMMANDS, main  # noqa: E402
@@ -36,12 +35,7 @@ FLAT = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared test machines: oversubscribed threads make tiny models very slow
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

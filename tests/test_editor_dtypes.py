@@ -12,12 +12,7 @@ HP = {"v_num_grad_steps": 3, "stats_tokens": 2000, "stats_max_length": 64, "cont
 REQS = [EditRequest("The city of {} is in", s, t, "France") for s, t in [("Paris", "Rome"), ("Lyon", "Berlin")]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,13 +33,7 @@ TINY_HP = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machines are shared: oversubscribed BLAS threads make tiny models 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -55,12 +55,7 @@ def test_fuzz_budget_is_at_least_2000():
     assert FUZZ_CASES >= 2000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- strategies

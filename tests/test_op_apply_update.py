@@ -6,22 +6,17 @@ import sys
 
 import pytest
 import torch
+from _ops import cpp_kernel_built
 
 import metake_fast  # noqa: F401
 
 ref_mod = sys.modules["metake_fast.ops.apply_update"]
 
 
-def _cpp_built() -> bool:
-    try:
-        from metake_fast import _C
-
-        return ("apply_update_", "CPU") in {(o, k) for o, k, _ in _C.registered_kernels()}
-    except ImportError:
-        return False
-
-
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_built(), reason="_C not built"))]
+BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_kernel_built("apply_update_"), reason="_C not built")),
+]
 
 
 def _run(backend, W, R, Y, transposed):
@@ -65,7 +60,7 @@ def test_non_contiguous_W(backend):
     torch.testing.assert_close(W, R @ Y.T)
 
 
-@pytest.mark.skipif(not _cpp_built(), reason="_C not built")
+@pytest.mark.skipif(not cpp_kernel_built("apply_update_"), reason="_C not built")
 def test_cpp_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         torch.ops.metake_fast.apply_update_(torch.zeros(4, 5), torch.zeros(4, 2), torch.zeros(6, 2), False)

@@ -6,22 +6,17 @@ import sys
 
 import pytest
 import torch
+from _ops import cpp_kernel_built
 
 import metake_fast  # noqa: F401
 
 ref_mod = sys.modules["metake_fast.ops.fused_target_logprob"]
 
 
-def _cpp_built() -> bool:
-    try:
-        from metake_fast import _C
-
-        return ("fused_target_logprob", "CPU") in {(o, k) for o, k, _ in _C.registered_kernels()}
-    except ImportError:
-        return False
-
-
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_built(), reason="_C not built"))]
+BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_kernel_built("fused_target_logprob"), reason="_C not built")),
+]
 
 
 def _fwd(backend, h, w, t, chunk):
@@ -100,7 +95,7 @@ def test_autograd_matches_log_softmax():
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not _cpp_built(), reason="_C not built")
+@pytest.mark.skipif(not cpp_kernel_built("fused_target_logprob"), reason="_C not built")
 def test_cpp_rejects_out_of_range_targets():
     with pytest.raises(RuntimeError, match="targets must lie"):
         torch.ops.metake_fast.fused_target_logprob(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 5]), 4)

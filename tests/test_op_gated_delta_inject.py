@@ -6,22 +6,17 @@ import sys
 
 import pytest
 import torch
+from _ops import cpp_kernel_built
 
 import metake_fast  # noqa: F401
 
 mod = sys.modules["metake_fast.ops.gated_delta_inject"]
 
 
-def _cpp_built() -> bool:
-    try:
-        from metake_fast import _C
-
-        return ("gated_delta_inject", "CPU") in {(o, k) for o, k, _ in _C.registered_kernels()}
-    except ImportError:
-        return False
-
-
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_built(), reason="_C not built"))]
+BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_kernel_built("gated_delta_inject"), reason="_C not built")),
+]
 
 
 def _run(backend, *args):

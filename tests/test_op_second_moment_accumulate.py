@@ -6,22 +6,19 @@ import sys
 
 import pytest
 import torch
+from _ops import cpp_kernel_built
 
 import metake_fast  # noqa: F401  (declares the ops, loads the extension if built)
 
 ref_mod = sys.modules["metake_fast.ops.second_moment_accumulate"]
 
 
-def _cpp_built() -> bool:
-    try:
-        from metake_fast import _C
-
-        return ("second_moment_accumulate", "CPU") in {(o, k) for o, k, _ in _C.registered_kernels()}
-    except ImportError:
-        return False
-
-
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_built(), reason="_C not built"))]
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "cpp", marks=pytest.mark.skipif(not cpp_kernel_built("second_moment_accumulate"), reason="_C not built")
+    ),
+]
 
 
 def _run(backend, S, X, mask):
@@ -92,7 +89,7 @@ def test_non_contiguous_S(backend):
     torch.testing.assert_close(S, X.T @ X)
 
 
-@pytest.mark.skipif(not _cpp_built(), reason="_C not built")
+@pytest.mark.skipif(not cpp_kernel_built("second_moment_accumulate"), reason="_C not built")
 def test_cpp_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="square"):
         torch.ops.metake_fast.second_moment_accumulate(torch.zeros(3, 4), torch.zeros(2, 4), None)
