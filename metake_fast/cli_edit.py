@@ -177,6 +177,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fluency", default="auto", choices=["auto", "on", "off"], help="fluency (auto: full CounterFact only)"
     )
+    p.add_argument(
+        "--checkpoint", default=None, help="directory: save the state after every batch; rerun to resume from it"
+    )
     p.add_argument("--fluency-prompts", type=positive_int, default=2, help="generation prompts per case (default 2)")
     p.add_argument("--fluency-tokens", type=positive_int, default=30, help="new tokens per generation (default 30)")
 
@@ -205,7 +208,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         records_path=args.records, dataset=args.dataset,
         fluency=None if args.fluency == "auto" else args.fluency == "on",
         fluency_prompts=args.fluency_prompts, fluency_tokens=args.fluency_tokens, device=args.device,
-        dtype=args.dtype, cache=cache,
+        dtype=args.dtype, cache=cache, checkpoint=args.checkpoint,
     )  # fmt: skip
     t = results["timing"]
     print(

@@ -473,6 +473,19 @@ class Editor:
 
         save_delta(self, path)
 
+    def save_checkpoint(self, path, extra: dict | None = None) -> None:
+        """Write the full editing state (weights, solver state, requests) to resume later
+        (see :mod:`metake_fast.checkpoint`); ``extra``: JSON-able data stored with it."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, extra)
+
+    def load_checkpoint(self, path) -> dict:
+        """Restore a :meth:`save_checkpoint` state (same model, method, hparams); returns its ``extra``."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path)
+
     def load_delta(self, path) -> None:
         from .delta import load_delta
 

@@ -40,6 +40,7 @@ post-edit pass) and writes ``results.json`` plus one JSON line per request.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -420,6 +421,14 @@ def _positive(name: str, v) -> int:
     return v
 
 
+def _read_json(path: Path):
+    """The JSON in ``path``, or None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -448,6 +457,7 @@ def run_evaluation(
     dtype: str = "fp32",
     cache=True,
     eval_batch_size: int = 64,
+    checkpoint=None,
 ) -> dict[str, Any]:
     """The field's protocol on the first ``num_edits`` cases of ``dataset_path``; returns the results dict.
 
@@ -462,9 +472,13 @@ def run_evaluation(
     to check against the file's detected format. ``fluency``: None = on for full-format
     CounterFact. ``out``: write ``results.json`` there and the per-request records (one JSON
     line per case, pre and post) to ``records_path`` or :func:`results_records_path` ``(out)``.
+    ``checkpoint``: a directory; the pre-edit scores and the editor state after every batch
+    are saved there, and a later call with the same settings resumes from the last batch
+    (``timing.edit_s`` adds up the editing time of all sessions; ``sessions`` lists them).
     """
     from . import __version__
-    from .editor import Editor
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .editor import Editor, EditReport, RequestReport
     from .hparams import EditHParams, load_hparams, make_hparams, read_yaml, to_dict
     from .models import load_model
     from .requests import validate_requests
@@ -520,12 +534,29 @@ def run_evaluation(
         fluency=do_fluency, batch_size=eval_batch_size, fluency_prompts=fluency_prompts, fluency_tokens=fluency_tokens
     )
 
-    log.info("pre-edit evaluation of %d cases", len(cases))
-    t0 = time.perf_counter()
-    metrics_pre, rec_pre = evaluate_cases(model, tok, cases, **ekw)
-    if detected == "zsre":  # agreement of the unedited model with itself
-        metrics_pre, rec_pre = _with_self_reference(metrics_pre, rec_pre)
-    eval_pre_s = time.perf_counter() - t0
+    # A checkpoint directory makes the run resumable: the pre-edit scores and, after every
+    # batch, the editor's full state (weights, solver state, requests) are saved there; a
+    # later call with the same settings goes on from the last finished batch.
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else None
+    run_config = {
+        "method": editor.method, "model": str(model_name), "data": str(dataset_path), "num_edits": len(cases),
+        "batch_size": batch_size, "dtype": dtype, "fluency": do_fluency, "hparams": to_dict(editor.hparams),
+    }  # fmt: skip
+    pre_saved = _read_json(ckpt_dir / "pre.json") if ckpt_dir is not None else None
+    if pre_saved is not None and pre_saved.get("config") == run_config:
+        log.info("pre-edit evaluation taken from the checkpoint in %s", ckpt_dir)
+        metrics_pre, rec_pre, eval_pre_s = pre_saved["metrics_pre"], pre_saved["records"], pre_saved["eval_pre_s"]
+    else:
+        log.info("pre-edit evaluation of %d cases", len(cases))
+        t0 = time.perf_counter()
+        metrics_pre, rec_pre = evaluate_cases(model, tok, cases, **ekw)
+        if detected == "zsre":  # agreement of the unedited model with itself
+            metrics_pre, rec_pre = _with_self_reference(metrics_pre, rec_pre)
+        eval_pre_s = time.perf_counter() - t0
+        if ckpt_dir is not None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(ckpt_dir / "pre.json", {"config": run_config, "metrics_pre": metrics_pre,
+                                                      "records": rec_pre, "eval_pre_s": eval_pre_s})  # fmt: skip
 
     s0 = editor.stats_seconds
     editor._ensure_solvers()
@@ -535,33 +566,56 @@ def run_evaluation(
     # so that the running efficacy of every edit so far is logged after each batch to
     # <out stem>.progress.jsonl: an hours-long run shows collapse as it happens and leaves
     # a partial result if it is stopped.
+    report = EditReport(editor.method)
+    report.timing = {}
+    done, edit_s_before, progress_lines, sessions = 0, 0.0, [], []
+    state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
+    if state_path is not None and state_path.exists():
+        extra = load_checkpoint(editor, state_path)
+        if extra.get("config") != run_config:
+            raise EvaluationError(f"checkpoint {state_path} belongs to another run (settings differ); remove it")
+        done, edit_s_before = int(extra["edits_done"]), float(extra["edit_s"])
+        report.requests = [RequestReport(**r) for r in extra["requests"]]
+        report.batches, report.timing = int(extra["batches"]), dict(extra["timing"])
+        progress_lines, sessions = list(extra["progress"]), list(extra.get("sessions", []))
+        log.info("resuming from %s: %d of %d edits done", state_path, done, len(requests))
+    sessions.append({"commit": _git_commit(), "from_edit": done})
     prog_path = out_path.with_name(out_path.stem + ".progress.jsonl") if out_path is not None else None
     if prog_path is not None:
-        prog_path.write_text("")
+        prog_path.write_text("".join(json.dumps(line) + "\n" for line in progress_lines))
     t0 = time.perf_counter()
-    report = None
-    for b0 in range(0, len(requests), batch_size):
+    timing_before = dict(report.timing)
+
+    def session_edit_s() -> float:
+        extra_t = sum(report.timing.get(k, 0.0) - timing_before.get(k, 0.0) for k in ("stats", "score"))
+        return time.perf_counter() - t0 - extra_t
+
+    for b0 in range(done, len(requests), batch_size):
         part = editor.edit(requests[b0 : b0 + batch_size], batch_size=batch_size, score=False, track=True)
-        if report is None:
-            report = part
-        else:
-            report.requests.extend(part.requests)
-            report.batches += part.batches
-            for k, v in part.timing.items():
-                report.timing[k] = report.timing.get(k, 0.0) + v
+        report.requests.extend(part.requests)
+        report.batches += part.batches
+        for k, v in part.timing.items():
+            report.timing[k] = report.timing.get(k, 0.0) + v
         run = part.running or {}
         line = {
             "batch": report.batches,
             "edits": run.get("edits"),
             "running_efficacy": _pct(_finite(run.get("efficacy", float("nan")))),
             "running_mean_p_new": _finite(run.get("mean_p_new", float("nan"))),
-            "edit_s": time.perf_counter() - t0 - report.timing.get("stats", 0.0) - report.timing.get("score", 0.0),
+            "edit_s": edit_s_before + session_edit_s(),
         }
+        progress_lines.append(line)
         log.info("batch %d: %s", report.batches, line)
         if prog_path is not None:
             with open(prog_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
-    edit_s = time.perf_counter() - t0 - report.timing.get("stats", 0.0) - report.timing.get("score", 0.0)
+        if state_path is not None:
+            save_checkpoint(editor, state_path, extra={
+                "config": run_config, "edits_done": b0 + len(part.requests), "edit_s": line["edit_s"],
+                "requests": [dataclasses.asdict(r) for r in report.requests], "batches": report.batches,
+                "timing": report.timing, "progress": progress_lines, "sessions": sessions,
+            })  # fmt: skip
+    edit_s = edit_s_before + session_edit_s()
     stats_s += report.timing.get("stats", 0.0)
 
     log.info("post-edit evaluation of %d cases", len(cases))
@@ -594,6 +648,7 @@ def run_evaluation(
         "dtype": dtype,
         "version": __version__,
         "commit": _git_commit(),
+        "sessions": sessions,
         "hparams": to_dict(editor.hparams),
         "edit": {
             "batches": report.batches,

@@ -283,3 +283,45 @@ def test_run_evaluation_bad_input(model_dir, tmp_path):
         run_evaluation(str(model_dir), "memit", "counterfact", 2, 1, dataset="zsre")
     with pytest.raises(EvaluationError, match="only"):
         run_evaluation(str(model_dir), "memit", "counterfact-full", 100_000, 1)
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "metake"])
+def test_interrupted_run_resumes_from_checkpoint_to_the_same_result(
+    model_dir, corpus_file, tmp_path, monkeypatch, method
+):
+    """Stop after the first of three batches, rerun with the same checkpoint: same records as one run."""
+    from metake_fast.editor import Editor
+
+    kw = dict(hparams=dict(TINY_HP), corpus=str(corpus_file), stats_tokens=1500, progress=False,
+              cache=tmp_path / "cache", fluency=False)  # fmt: skip
+    full = run_evaluation(str(model_dir), method, "counterfact", 6, 2, out=tmp_path / "full.json", **kw)
+
+    real_edit = Editor.edit
+    calls = []
+
+    def stop_on_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, *a, **k)
+
+    ck = tmp_path / "ckpt"
+    monkeypatch.setattr(Editor, "edit", stop_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(str(model_dir), method, "counterfact", 6, 2, out=tmp_path / "r.json", checkpoint=ck, **kw)
+    monkeypatch.setattr(Editor, "edit", real_edit)
+    assert (ck / "pre.json").exists() and (ck / "state.safetensors").exists()
+    assert len((tmp_path / "r.progress.jsonl").read_text().splitlines()) == 1
+
+    resumed = run_evaluation(str(model_dir), method, "counterfact", 6, 2, out=tmp_path / "r.json", checkpoint=ck, **kw)
+    assert resumed["metrics_post"] == full["metrics_post"] and resumed["metrics_pre"] == full["metrics_pre"]
+    a = [json.loads(x) for x in (tmp_path / "full.records.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "r.records.jsonl").read_text().splitlines()]
+    assert [x["post"] for x in a] == [x["post"] for x in b]  # bit-identical probabilities after the edits
+    assert [x["edit"] for x in a] == [x["edit"] for x in b]
+    assert [s["from_edit"] for s in resumed["sessions"]] == [0, 2] and resumed["edit"]["batches"] == 3
+    assert len((tmp_path / "r.progress.jsonl").read_text().splitlines()) == 3
+
+    # a checkpoint from other settings is refused, nothing is edited
+    with pytest.raises(EvaluationError, match="another run"):
+        run_evaluation(str(model_dir), method, "counterfact", 6, 3, out=tmp_path / "x.json", checkpoint=ck, **kw)
