@@ -64,3 +64,42 @@ def test_track_reports_running_metrics_of_all_edits(tmp_path):
     assert r2.running["mean_p_new"] == pytest.approx(sum(p_new) / len(p_new))
     # the second call's own report covers only its requests
     assert [r.subject for r in r2.requests] == [r["subject"] for r in REQS[3:]]
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    from metake_fast.checkpoint import CheckpointError
+
+    ed = _editor(tmp_path, "alphaedit")
+    ed.edit(REQS[:2], batch_size=2, score=False)
+    path = tmp_path / "state.safetensors"
+    ed.save_checkpoint(path, extra={"note": "after batch 1"})
+    ed.edit(REQS[2:4], batch_size=2, score=False)
+    want = _edited(ed)
+
+    fresh = _editor(tmp_path, "alphaedit")
+    assert fresh.load_checkpoint(path) == {"note": "after batch 1"}
+    assert [r.subject for r in fresh.history] == [r["subject"] for r in REQS[:2]]
+    fresh.edit(REQS[2:4], batch_size=2, score=False)
+    got = _edited(fresh)
+    assert all(torch.equal(got[layer], want[layer]) for layer in want)  # resumed == uninterrupted
+
+    other_model = Editor(tiny_model("llama", layers=4, seed=1), tiny_tokenizer(), "alphaedit", HP, cache=tmp_path,
+                         progress=False)  # fmt: skip
+    before = _edited(other_model)
+    with pytest.raises(CheckpointError, match="different model"):
+        other_model.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="made with alphaedit"):
+        _editor(tmp_path, "memit").load_checkpoint(path)
+    other_hp = Editor(tiny_model("llama", layers=4, seed=0), tiny_tokenizer(), "alphaedit", {**HP, "L2": 3.0},
+                      cache=tmp_path, progress=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="hyperparameters"):
+        other_hp.load_checkpoint(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip a byte inside the tensors
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum|unreadable"):
+        _editor(tmp_path, "alphaedit").load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no such"):
+        _editor(tmp_path, "alphaedit").load_checkpoint(tmp_path / "missing.safetensors")
+    assert all(torch.equal(_edited(other_model)[layer], before[layer]) for layer in before)
