@@ -421,6 +421,17 @@ def _positive(name: str, v) -> int:
     return v
 
 
+def _checkpoint_config(path: Path):
+    """The run settings stored in an evaluation checkpoint's metadata (None if unreadable)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("extra", "{}")).get("config")
+    except Exception:  # noqa: BLE001 - unreadable: load_checkpoint reports it properly
+        return None
+
+
 def _read_json(path: Path):
     """The JSON in ``path``, or None if it is missing or unreadable."""
     try:
@@ -542,6 +553,11 @@ def run_evaluation(
         "method": editor.method, "model": str(model_name), "data": str(dataset_path), "num_edits": len(cases),
         "batch_size": batch_size, "dtype": dtype, "fluency": do_fluency, "hparams": to_dict(editor.hparams),
     }  # fmt: skip
+    state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
+    if state_path is not None and state_path.exists():  # refuse another run's state before the slow pre-eval
+        saved_config = _checkpoint_config(state_path)
+        if saved_config is not None and saved_config != run_config:
+            raise EvaluationError(f"checkpoint {state_path} belongs to another run (settings differ); remove it")
     pre_saved = _read_json(ckpt_dir / "pre.json") if ckpt_dir is not None else None
     if pre_saved is not None and pre_saved.get("config") == run_config:
         log.info("pre-edit evaluation taken from the checkpoint in %s", ckpt_dir)
@@ -569,7 +585,6 @@ def run_evaluation(
     report = EditReport(editor.method)
     report.timing = {}
     done, edit_s_before, progress_lines, sessions = 0, 0.0, [], []
-    state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
     if state_path is not None and state_path.exists():
         extra = load_checkpoint(editor, state_path)
         if extra.get("config") != run_config:
