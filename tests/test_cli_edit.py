@@ -102,6 +102,22 @@ def test_evaluate_success(capsys, model_dir, files, tmp_path, method):
     assert "efficacy" in out and "post" in out
 
 
+def test_evaluate_checkpoint_resume_and_mismatch(capsys, model_dir, files, tmp_path):
+    ck = tmp_path / "ck"
+    argv = _evaluate_argv(model_dir, files, tmp_path, **{"--checkpoint": ck})
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert (ck / "state.safetensors").is_file() and (ck / "pre.json").is_file()
+    rc, out, err = run_cli(capsys, *argv)  # everything done: resumes past the last batch, same result
+    assert rc == 0, err
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["metrics_post"] == first["metrics_post"] and again["sessions"][-1]["from_edit"] == 3
+    rc, out, err = run_cli(capsys, *_evaluate_argv(model_dir, files, tmp_path, **{"--checkpoint": ck,
+                                                                                  "--batch-size": 3}))  # fmt: skip
+    assert rc == 2 and err.count("\n") == 1 and "belongs to another run" in err
+
+
 def test_evaluate_zsre(capsys, model_dir, files, tmp_path):
     argv = _evaluate_argv(
         model_dir, files, tmp_path, **{"--dataset": "zsre", "--data": files / "zsre.json", "--num-edits": 1,
