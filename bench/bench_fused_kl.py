@@ -38,18 +38,25 @@ def main() -> None:
                 lq = torch.log_softmax((h0 @ W.T).float(), -1)
                 return (lp.exp() * (lp - lq)).sum(-1)
 
-            fns = {"reference (chunked, eager)": lambda: kl_reference(h, h0, W, chunk), "full vocabulary": full}
+            fns = {
+                "reference (chunked, eager)": lambda: kl_reference(h, h0, W, None, 0.0, chunk),
+                "full vocabulary": full,
+            }
             if not args.no_compile:
                 cref = C.compiled(kl_reference)
-                fns["reference (compile)"] = lambda: cref(h, h0, W, chunk)
+                fns["reference (compile)"] = lambda: cref(h, h0, W, None, 0.0, chunk)
             tm = C.time_providers(fns, dev, reps=reps)
             shape = {"model": model["name"], "n": n, "d": d, "V": V, "chunk": chunk}
             nbytes = V * d * W.element_size() + 2 * n * d * h.element_size()
             C.report(OP, shape, dtype, dev, tm, nbytes, 4.0 * n * V * d, save=not args.no_save)
-            kl, lse, lse0 = kl_reference(h, h0, W, chunk)
+            kl, lse, lse0 = kl_reference(h, h0, W, None, 0.0, chunk)
             g = torch.ones(n, device=dev)
             tm = C.time_providers(
-                {"reference (chunked, eager)": lambda: kl_backward_reference(g, h, h0, W, lse0, kl, lse, chunk)},
+                {
+                    "reference (chunked, eager)": lambda: kl_backward_reference(
+                        g, h, h0, W, None, 0.0, lse0, kl, lse, chunk
+                    )
+                },
                 dev,
                 reps=reps,
             )

@@ -210,26 +210,19 @@ def full_logprobs(model: nn.Module, adapter: ModelAdapter, hidden: torch.Tensor)
 
 
 class KLReference:
-    """The unedited side of the essence KL for a few rows: the hidden states ``h₀`` on the fused path
-    (no vocabulary-sized tensor kept), or the full log-probabilities where the model has an
-    unembedding bias or a logit soft-cap (which the fused op does not model)."""
+    """The unedited side of the essence KL for a few rows: just the hidden states ``h₀``;
+    ``KL(p ‖ p₀)`` is computed chunk by chunk over the vocabulary by the ``fused_kl`` op
+    (unembedding bias and logit soft-cap included), so no vocabulary-sized tensor is kept."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, hidden: torch.Tensor, chunk: int = 8192):
-        weight, bias, softcap = final_logits_spec(model, adapter)
-        self.model, self.adapter, self.chunk = model, adapter, chunk
-        self.fused = bias is None and not softcap
-        if self.fused:
-            self.h0 = hidden.detach().to(weight.dtype)  # (n, d): q is recomputed chunk by chunk
-        else:
-            self.logp0 = full_logprobs(model, adapter, hidden.detach())
+        self.weight, self.bias, self.softcap = final_logits_spec(model, adapter)
+        self.chunk = chunk
+        self.h0 = hidden.detach().to(self.weight.dtype)
 
     def kl(self, hidden: torch.Tensor) -> torch.Tensor:
         """``KL(p ‖ p₀)`` per row (as in ROME: current distribution first)."""
-        if self.fused:
-            weight, _, _ = final_logits_spec(self.model, self.adapter)
-            return fused_kl(hidden.to(weight.dtype), self.h0, weight, self.chunk)
-        lp = full_logprobs(self.model, self.adapter, hidden)
-        return (lp.exp() * (lp - self.logp0)).sum(-1)
+        return fused_kl(hidden.to(self.weight.dtype), self.h0, self.weight, self.chunk, bias=self.bias,
+                        softcap=float(self.softcap or 0.0))  # fmt: skip
 
 
 def final_hidden(model: nn.Module, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:

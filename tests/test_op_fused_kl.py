@@ -30,7 +30,7 @@ SHAPES = [(1, 1, 1, 1), (3, 7, 13, 4), (5, 16, 100, 32), (9, 33, 257, 64), (4, 4
 @pytest.mark.parametrize("n,d,V,chunk", SHAPES)
 def test_forward_matches_fp64(dtype, n, d, V, chunk):
     h, h0, W = problem(n, d, V, dtype, seed=n + d + V, scale=3.0)
-    kl, lse, lse0 = torch.ops.metake_fast.fused_kl(h, h0, W, chunk)
+    kl, lse, lse0 = torch.ops.metake_fast.fused_kl(h, h0, W, None, 0.0, chunk)
     want = oracle(h, h0, W)
     # the same-precision full-vocabulary PyTorch computation (logits in the inputs' dtype,
     # softmax in fp32), for the error bound
@@ -71,8 +71,8 @@ def test_backward_matches_fp64(dtype, n, d, V, chunk):
     lp = torch.log_softmax((xp @ W.T).to(acc), -1)
     lq = torch.log_softmax((h0 @ W.T).to(acc), -1)
     ((lp.exp() * (lp - lq)).sum(-1) * g).sum().backward()  # xp.grad in the inputs' dtype
-    kl, lse, lse0 = kl_reference(h, h0, W, chunk)
-    got = torch.ops.metake_fast.fused_kl_backward(g, h, h0, W, lse0, kl, lse, chunk)
+    kl, lse, lse0 = kl_reference(h, h0, W, None, 0.0, chunk)
+    got = torch.ops.metake_fast.fused_kl_backward(g, h, h0, W, None, 0.0, lse0, kl, lse, chunk)
     assert got.dtype == h.dtype
     err = (got.double() - x64.grad).abs().max().item()
     plain_err = (xp.grad.double() - x64.grad).abs().max().item()
@@ -97,9 +97,11 @@ def test_exactly_zero_at_the_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     h, h0, W = problem(3, 8, 40, dtype)
-    torch.library.opcheck(torch.ops.metake_fast.fused_kl, (h, h0, W, 16))
-    kl, lse, lse0 = kl_reference(h, h0, W, 16)
-    torch.library.opcheck(torch.ops.metake_fast.fused_kl_backward, (torch.ones(3), h, h0, W, lse0, kl, lse, 16))
+    torch.library.opcheck(torch.ops.metake_fast.fused_kl, (h, h0, W, None, 0.0, 16))
+    kl, lse, lse0 = kl_reference(h, h0, W, None, 0.0, 16)
+    torch.library.opcheck(
+        torch.ops.metake_fast.fused_kl_backward, (torch.ones(3), h, h0, W, None, 0.0, lse0, kl, lse, 16)
+    )
 
 
 def test_bad_input():
@@ -110,3 +112,28 @@ def test_bad_input():
         fused_kl(h, h0, W[:, :5], 8)
     with pytest.raises(ValueError):
         fused_kl(h, h0, W, 0)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_and_softcap_against_full_vocabulary_autograd(softcap, with_bias):
+    """GPT-J's unembedding bias and Gemma-2's logit soft-cap, forward and gradient, vs fp64."""
+    h, h0, W = problem(5, 11, 97, torch.float64, seed=11, scale=3.0)
+    b = torch.randn(97, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) if with_bias else None
+
+    def logits(x):
+        z = x @ W.T + (b if b is not None else 0)
+        return torch.tanh(z / softcap) * softcap if softcap else z
+
+    x = h.clone().requires_grad_(True)
+    lp, lq = torch.log_softmax(logits(x), -1), torch.log_softmax(logits(h0), -1)
+    want = (lp.exp() * (lp - lq)).sum(-1)
+    w = torch.rand(5, dtype=torch.float64)
+    (want * w).sum().backward()
+    y = h.clone().requires_grad_(True)
+    got = fused_kl(y, h0, W, 13, bias=b, softcap=softcap)
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-9, atol=1e-11)
+    b32 = None if b is None else b.float()
+    torch.library.opcheck(torch.ops.metake_fast.fused_kl, (h.float(), h0.float(), W.float(), b32, softcap, 16))

@@ -138,3 +138,30 @@ def test_early_stop_freezes_request(reqs):
     cfg = TargetConfig(**{**CFG, "early_stop_nll": 1e9})
     res = optimize_targets(model, tiny_tokenizer(), get_adapter(model), reqs, LAYER, TEMPLATES, cfg, progress=False)
     assert res.steps.tolist() == [0, 0, 0] and torch.equal(res.delta, torch.zeros_like(res.delta))
+
+
+@pytest.mark.parametrize("bias, softcap", [(False, None), (True, None), (False, 3.0), (True, 3.0)])
+def test_kl_reference_equals_full_vocabulary_path(bias, softcap):
+    """The essence KL through fused_kl (chunked) equals the explicit full log-probabilities,
+    also with an unembedding bias (GPT-J) and a logit soft-cap (Gemma-2)."""
+    from metake_fast.runner import KLReference, full_logprobs
+
+    model = tiny_model("llama", layers=3, seed=1)
+    if bias:
+        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
+    model.config.final_logit_softcapping = softcap
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(3)
+    h0 = torch.randn(4, model.config.hidden_size, generator=g)
+    h = (h0 + 0.7 * torch.randn(h0.shape, generator=g)).requires_grad_(True)
+    ref = KLReference(model, adapter, h0, chunk=100)
+    got = ref.kl(h)
+    lq = full_logprobs(model, adapter, h0)
+    x = h.detach().clone().requires_grad_(True)
+    lp = full_logprobs(model, adapter, x)
+    want = (lp.exp() * (lp - lq)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (gg,) = torch.autograd.grad(got.sum(), h)
+    (gw,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-6)
+    assert ref.kl(h0).abs().max() < 1e-5

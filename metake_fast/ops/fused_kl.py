@@ -10,7 +10,7 @@ tensor of vocabulary size is ever allocated beyond one ``n × chunk`` block.
 
 Shapes and dtypes
     hidden, ref_hidden: (n, d) final *normed* hidden states (float32/bf16/fp16/fp64).
-    weight: (V, d) unembedding (no bias, no soft-cap: callers fall back otherwise).
+    weight: (V, d) unembedding; bias: (V,) or None; softcap: ``c`` of ``c·tanh(z/c)`` or 0.
     chunk: vocabulary rows per block.
 
 Returns ``(kl, lse, ref_lse)``, each (n,) fp32 (fp64 for fp64 inputs), from one
@@ -38,20 +38,27 @@ import torch
 
 from .registry import define_op
 
-FWD_SCHEMA = "(Tensor hidden, Tensor ref_hidden, Tensor weight, int chunk) -> (Tensor, Tensor, Tensor)"
+FWD_SCHEMA = (
+    "(Tensor hidden, Tensor ref_hidden, Tensor weight, Tensor? bias, float softcap, int chunk)"
+    " -> (Tensor, Tensor, Tensor)"
+)
 BWD_SCHEMA = (
-    "(Tensor grad, Tensor hidden, Tensor ref_hidden, Tensor weight, Tensor ref_lse, Tensor kl, Tensor lse, int chunk)"
-    " -> Tensor"
+    "(Tensor grad, Tensor hidden, Tensor ref_hidden, Tensor weight, Tensor? bias, float softcap, Tensor ref_lse,"
+    " Tensor kl, Tensor lse, int chunk) -> Tensor"
 )
 
 
-def check_inputs(hidden, ref_hidden, weight, chunk) -> None:
+def check_inputs(hidden, ref_hidden, weight, chunk, bias=None, softcap=0.0) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (n, d) and weight (V, d) expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if ref_hidden.shape != hidden.shape:
         raise ValueError(f"ref_hidden must be {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
     if chunk <= 0:
         raise ValueError("chunk must be positive")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0: none), got {softcap}")
 
 
 def _acc(hidden: torch.Tensor) -> torch.dtype:
@@ -66,10 +73,23 @@ def _gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def kl_reference(hidden, ref_hidden, weight, chunk):
+def _chunk_logits(H2, weight, bias, softcap, v0, chunk, acc):
+    """Logits of vocabulary rows ``[v0, v0 + chunk)`` for both sides (2n, c) in ``acc``, and the
+    soft-cap derivative ``1 − tanh²`` (None without a cap)."""
+    w = weight[v0 : v0 + chunk].to(H2.dtype)
+    Z = (H2 @ w.T).to(acc)
+    if bias is not None:
+        Z = Z + bias[v0 : v0 + chunk].to(acc)
+    if softcap:
+        t = torch.tanh(Z / softcap)
+        return t * softcap, 1 - t * t, w
+    return Z, None, w
+
+
+def kl_reference(hidden, ref_hidden, weight, bias, softcap, chunk):
     """Chunked reference: ``(kl, lse, ref_lse)``; both log-normalisers come from the same GEMMs as
     the logits, so ``KL = 0`` exactly when ``hidden == ref_hidden``."""
-    check_inputs(hidden, ref_hidden, weight, chunk)
+    check_inputs(hidden, ref_hidden, weight, chunk, bias, softcap)
     acc = _acc(hidden)
     n, V = hidden.shape[0], weight.shape[0]
     H2 = torch.cat([hidden, ref_hidden]).to(_gemm_dtype(hidden, weight))
@@ -77,8 +97,7 @@ def kl_reference(hidden, ref_hidden, weight, chunk):
     s = torch.zeros(2 * n, dtype=acc, device=hidden.device)  # Σ e^{z−m}, both sides
     a = torch.zeros(n, dtype=acc, device=hidden.device)  # Σ e^{z−m} (z − z₀), current side
     for v0 in range(0, V, chunk):
-        w = weight[v0 : v0 + chunk].to(H2.dtype)
-        Z = (H2 @ w.T).to(acc)
+        Z, _, _ = _chunk_logits(H2, weight, bias, softcap, v0, chunk, acc)
         m_new = torch.maximum(m, Z.max(1).values)
         scale = torch.exp(m - m_new)
         E = torch.exp(Z - m_new[:, None])
@@ -91,28 +110,30 @@ def kl_reference(hidden, ref_hidden, weight, chunk):
     return kl, lse, ref_lse
 
 
-def kl_backward_reference(grad, hidden, ref_hidden, weight, ref_lse, kl, lse, chunk):
+def kl_backward_reference(grad, hidden, ref_hidden, weight, bias, softcap, ref_lse, kl, lse, chunk):
     acc = _acc(hidden)
     n = hidden.shape[0]
     H2 = torch.cat([hidden, ref_hidden]).to(_gemm_dtype(hidden, weight))
     g, kl, lse, lse0 = grad.to(acc), kl.to(acc), lse.to(acc), ref_lse.to(acc)
     gh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     for v0 in range(0, weight.shape[0], chunk):
-        w = weight[v0 : v0 + chunk].to(H2.dtype)
-        z, z0 = (H2 @ w.T).to(acc).split(n)
+        Z, dcap, w = _chunk_logits(H2, weight, bias, softcap, v0, chunk, acc)
+        z, z0 = Z.split(n)
         logp = z - lse[:, None]
         dz = g[:, None] * torch.exp(logp) * (logp - (z0 - lse0[:, None]) - kl[:, None])
+        if dcap is not None:
+            dz = dz * dcap[:n]
         gh += (dz.to(w.dtype) @ w).to(acc)
     return gh.to(hidden.dtype)
 
 
-def _fake_fwd(hidden, ref_hidden, weight, chunk):
+def _fake_fwd(hidden, ref_hidden, weight, bias, softcap, chunk):
     n = hidden.shape[0]
     dt = _acc(hidden)
     return tuple(hidden.new_empty((n,), dtype=dt) for _ in range(3))
 
 
-def _fake_bwd(grad, hidden, ref_hidden, weight, ref_lse, kl, lse, chunk):
+def _fake_bwd(grad, hidden, ref_hidden, weight, bias, softcap, ref_lse, kl, lse, chunk):
     return torch.empty_like(hidden)
 
 
@@ -121,27 +142,41 @@ define_op("fused_kl_backward", BWD_SCHEMA, kl_backward_reference, _fake_bwd)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, ref_hidden, weight, chunk = inputs
+    hidden, ref_hidden, weight, bias, softcap, chunk = inputs
     kl, lse, ref_lse = output
-    ctx.save_for_backward(hidden, ref_hidden, weight, ref_lse, kl, lse)
-    ctx.chunk = chunk
+    ctx.save_for_backward(hidden, ref_hidden, weight, bias, ref_lse, kl, lse)
+    ctx.chunk, ctx.softcap = chunk, softcap
 
 
 def _backward(ctx, grad_kl, grad_lse, grad_ref_lse):
-    hidden, ref_hidden, weight, ref_lse, kl, lse = ctx.saved_tensors
+    hidden, ref_hidden, weight, bias, ref_lse, kl, lse = ctx.saved_tensors
     for g in (grad_lse, grad_ref_lse):
         if g is not None and bool((g != 0).any()):
             raise RuntimeError("fused_kl: only kl is differentiable (not the log-normalisers)")
     gh = None
     if ctx.needs_input_grad[0] and grad_kl is not None:
-        gh = torch.ops.metake_fast.fused_kl_backward(grad_kl, hidden, ref_hidden, weight, ref_lse, kl, lse, ctx.chunk)
-    return gh, None, None, None
+        gh = torch.ops.metake_fast.fused_kl_backward(
+            grad_kl, hidden, ref_hidden, weight, bias, ctx.softcap, ref_lse, kl, lse, ctx.chunk
+        )
+    return gh, None, None, None, None, None
 
 
 torch.library.register_autograd("metake_fast::fused_kl", _backward, setup_context=_setup_context)
 
 
-def fused_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """``KL(softmax(W h) ‖ softmax(W h₀))`` per row, (n,) fp32; differentiable w.r.t. ``hidden``."""
-    check_inputs(hidden, ref_hidden, weight, chunk)
-    return torch.ops.metake_fast.fused_kl(hidden.contiguous(), ref_hidden.contiguous(), weight, chunk)[0]
+def fused_kl(
+    hidden: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    chunk: int = 8192,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """``KL(softmax(z) ‖ softmax(z₀))`` per row with ``z = cap(W h + b)``, (n,) fp32; differentiable
+    w.r.t. ``hidden``. ``bias``: the unembedding bias (GPT-J); ``softcap``: Gemma-2 style
+    ``c·tanh(z/c)`` logit cap (0: none)."""
+    check_inputs(hidden, ref_hidden, weight, chunk, bias, softcap)
+    return torch.ops.metake_fast.fused_kl(
+        hidden.contiguous(), ref_hidden.contiguous(), weight, bias, float(softcap or 0.0), chunk
+    )[0]
