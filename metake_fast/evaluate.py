@@ -517,6 +517,16 @@ def run_evaluation(
         make_hparams(method, read_yaml(hp_path))  # HParamsError on a bad file, before the model loads
     elif not isinstance(hparams, EditHParams):
         make_hparams(method, dict(hparams or {}))  # unknown method / bad fields, before the model loads
+    if checkpoint is not None:
+        ck = Path(checkpoint)
+        if ck.exists() and not ck.is_dir():
+            raise EvaluationError(f"--checkpoint {ck} exists and is not a directory")
+        try:
+            ck.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EvaluationError(f"cannot create checkpoint directory {ck}: {e.strerror or e}") from None
+        if not os.access(ck, os.W_OK | os.X_OK):
+            raise EvaluationError(f"checkpoint directory {ck} is not writable")
     out_path = Path(out) if out is not None else None
     rec_path = Path(records_path) if records_path is not None else (results_records_path(out) if out else None)
     for p in (out_path, rec_path):
@@ -570,9 +580,11 @@ def run_evaluation(
             metrics_pre, rec_pre = _with_self_reference(metrics_pre, rec_pre)
         eval_pre_s = time.perf_counter() - t0
         if ckpt_dir is not None:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(ckpt_dir / "pre.json", {"config": run_config, "metrics_pre": metrics_pre,
-                                                      "records": rec_pre, "eval_pre_s": eval_pre_s})  # fmt: skip
+            try:
+                _write_json_atomic(ckpt_dir / "pre.json", {"config": run_config, "metrics_pre": metrics_pre,
+                                                          "records": rec_pre, "eval_pre_s": eval_pre_s})  # fmt: skip
+            except OSError as e:
+                log.warning("could not write %s (%s); continuing", ckpt_dir / "pre.json", e.strerror or e)
 
     s0 = editor.stats_seconds
     editor._ensure_solvers()
@@ -625,11 +637,14 @@ def run_evaluation(
             with open(prog_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
         if state_path is not None:
-            save_checkpoint(editor, state_path, extra={
-                "config": run_config, "edits_done": b0 + len(part.requests), "edit_s": line["edit_s"],
-                "requests": [dataclasses.asdict(r) for r in report.requests], "batches": report.batches,
-                "timing": report.timing, "progress": progress_lines, "sessions": sessions,
-            })  # fmt: skip
+            try:
+                save_checkpoint(editor, state_path, extra={
+                    "config": run_config, "edits_done": b0 + len(part.requests), "edit_s": line["edit_s"],
+                    "requests": [dataclasses.asdict(r) for r in report.requests], "batches": report.batches,
+                    "timing": report.timing, "progress": progress_lines, "sessions": sessions,
+                })  # fmt: skip
+            except OSError as e:  # e.g. a full disk: the run goes on, only resuming is lost
+                log.warning("could not write checkpoint %s (%s); continuing without it", state_path, e.strerror or e)
     edit_s = edit_s_before + session_edit_s()
     stats_s += report.timing.get("stats", 0.0)
 

@@ -172,12 +172,15 @@ def test_edit_saves_delta(capsys, model_dir, files, tmp_path):
         ({"--model": "MISSING_MODEL"}, "unknown model"),
         ({"--corpus": "MISSING"}, "corpus"),
         ({"--out": "NO_DIR"}, "does not exist"),
+        ({"--checkpoint": "A_FILE"}, "not a directory"),
+        ({"--checkpoint": "BELOW_A_FILE"}, "cannot create checkpoint directory"),
     ],
 )
 def test_evaluate_bad_input(capsys, model_dir, files, tmp_path, over, needle):
     subst = {
         "MISSING": tmp_path / "missing.json", "BAD_YAML": files / "bad.yaml", "BAD_FIELD": files / "badfield.yaml",
         "MISSING_MODEL": tmp_path / "no-model", "NO_DIR": tmp_path / "nodir" / "results.json",
+        "A_FILE": files / "cf.json", "BELOW_A_FILE": files / "cf.json" / "ck",
     }  # fmt: skip
     over = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in over.items()}
     rc, out, err = run_cli(capsys, *_evaluate_argv(model_dir, files, tmp_path, **over))

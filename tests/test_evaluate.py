@@ -325,3 +325,22 @@ def test_interrupted_run_resumes_from_checkpoint_to_the_same_result(
     # a checkpoint from other settings is refused, nothing is edited
     with pytest.raises(EvaluationError, match="another run"):
         run_evaluation(str(model_dir), method, "counterfact", 6, 3, out=tmp_path / "x.json", checkpoint=ck, **kw)
+
+
+def test_checkpoint_write_failure_does_not_stop_the_run(model_dir, corpus_file, tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    import metake_fast.checkpoint as ckpt_mod
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "write_atomic", full_disk)
+    with caplog.at_level(logging.WARNING, logger="metake_fast"):
+        res = run_evaluation(
+            str(model_dir), "memit", "counterfact", 2, 1, hparams=dict(TINY_HP), corpus=str(corpus_file),
+            stats_tokens=1500, progress=False, cache=False, fluency=False, checkpoint=tmp_path / "ck",
+        )  # fmt: skip
+    assert res["edit"]["batches"] == 2 and not (tmp_path / "ck" / "state.safetensors").exists()
+    assert any("could not write checkpoint" in r.getMessage() for r in caplog.records)

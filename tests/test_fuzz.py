@@ -335,7 +335,9 @@ cheap_hp = st.dictionaries(
 @given(
     command=st.sampled_from(["edit", "evaluate", "stats"]),
     flags=st.dictionaries(
-        st.sampled_from(["--batch-size", "--num-edits", "--layers", "--stats-tokens", "--dtype", "--method"]),
+        st.sampled_from(
+            ["--batch-size", "--num-edits", "--layers", "--stats-tokens", "--dtype", "--method", "--checkpoint"]
+        ),
         arg_values, max_size=2,
     ),
     hp=st.one_of(st.none(), st.none(), cheap_hp),
@@ -371,6 +373,13 @@ def test_fuzz_cli(capsys, tmp_path_factory, cli_files, command, flags, hp, reque
             continue
         if command != "stats" and k == "--layers":
             continue
+        if k == "--checkpoint":
+            if command != "evaluate":
+                continue
+            # an existing file, a fresh directory, or a path below a file
+            v = {"0": str(d / "cf.json"), "1": str(work / "ck"), "2": str(d / "cf.json" / "ck")}.get(
+                v[:1], str(work / v)
+            )
         base[k] = v
     if drop:
         base.pop(drop, None)
