@@ -180,22 +180,66 @@ def target_logprobs(
 ) -> torch.Tensor:
     """Log-probabilities (n,) fp32 of ``targets`` given final *normed* hidden states ``hidden`` (n, d).
 
-    Uses the fused op; architectures with an unembedding bias or a logit
-    soft-cap take an explicit (chunked-rows) path since the fused op does not
-    model them.
+    Uses the fused op; architectures with an unembedding bias (GPT-J) or a logit
+    soft-cap (Gemma-2) go through :class:`_BiasedTargetLogprob`, which is chunked
+    over the vocabulary the same way (no n×V tensor, recomputed in the backward).
     """
     weight, bias, softcap = final_logits_spec(model, adapter)
     if bias is None and not softcap:
         return fused_target_logprob(hidden.to(weight.dtype), weight, targets, chunk)
-    outs = []
-    for s in range(0, hidden.shape[0], 256):
-        logits = (hidden[s : s + 256].to(weight.dtype) @ weight.T).float()
-        if bias is not None:
-            logits = logits + bias.float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        outs.append(torch.log_softmax(logits, -1).gather(1, targets[s : s + 256, None])[:, 0])
-    return torch.cat(outs) if outs else hidden.new_zeros((0,), dtype=torch.float32)
+    return _BiasedTargetLogprob.apply(hidden.to(weight.dtype), weight, bias, float(softcap or 0.0), targets, chunk)
+
+
+def _capped_logits(h, w, b, softcap):
+    """``cap(h wᵀ + b)`` in fp32 and the cap's derivative (None without a cap)."""
+    z = (h @ w.T).float()
+    if b is not None:
+        z = z + b.float()
+    if softcap:
+        t = torch.tanh(z / softcap)
+        return t * softcap, 1 - t * t
+    return z, None
+
+
+class _BiasedTargetLogprob(torch.autograd.Function):
+    """``log softmax(cap(W h + b))[target]`` chunked over the vocabulary (online log-sum-exp);
+    the backward recomputes each chunk: ``∇h = c'_t W_t − Σ_v p_v c'_v W_v``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, softcap, targets, chunk):
+        n = hidden.shape[0]
+        lse = torch.full((n,), float("-inf"), device=hidden.device)
+        with torch.no_grad():
+            for v0 in range(0, weight.shape[0], chunk):
+                b = None if bias is None else bias[v0 : v0 + chunk]
+                z, _ = _capped_logits(hidden, weight[v0 : v0 + chunk], b, softcap)
+                lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
+            zt = (hidden.float() * weight[targets].float()).sum(1)
+            if bias is not None:
+                zt = zt + bias[targets].float()
+            dcap_t = None
+            if softcap:
+                t = torch.tanh(zt / softcap)
+                zt, dcap_t = t * softcap, 1 - t * t
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, dcap_t)
+        ctx.softcap, ctx.chunk = softcap, chunk
+        return zt - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse, dcap_t = ctx.saved_tensors
+        g = grad.float()
+        gt = g if dcap_t is None else g * dcap_t
+        gh = gt[:, None] * weight[targets].float()
+        for v0 in range(0, weight.shape[0], ctx.chunk):
+            w = weight[v0 : v0 + ctx.chunk]
+            b = None if bias is None else bias[v0 : v0 + ctx.chunk]
+            z, dcap = _capped_logits(hidden, w, b, ctx.softcap)
+            p = torch.exp(z - lse[:, None]) * g[:, None]
+            if dcap is not None:
+                p = p * dcap
+            gh = gh - p @ w.float()
+        return gh.to(hidden.dtype), None, None, None, None, None
 
 
 def full_logprobs(model: nn.Module, adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:

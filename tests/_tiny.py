@@ -78,6 +78,17 @@ def tiny_config(arch: str = "llama", layers: int = 4, vocab_size: int = VOCAB_SI
             vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_hidden_layers=layers,
             num_attention_heads=4, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         )  # fmt: skip
+    if arch == "gptj":  # unembedding with a bias
+        return tf.GPTJConfig(
+            vocab_size=vocab_size, n_embd=48, n_inner=80, n_layer=layers, n_head=4, rotary_dim=8, n_positions=512,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+    if arch == "gemma2":  # final logit soft-cap
+        return tf.Gemma2Config(
+            vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=512,
+            sliding_window=16, final_logit_softcapping=3.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
     raise ValueError(f"unknown tiny arch {arch!r}")
 
 

@@ -103,3 +103,22 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="no such"):
         _editor(tmp_path, "alphaedit").load_checkpoint(tmp_path / "missing.safetensors")
     assert all(torch.equal(_edited(other_model)[layer], before[layer]) for layer in before)
+
+
+@pytest.mark.parametrize("arch", ["gptj", "gemma2"])
+def test_bias_and_softcap_architectures_edit_end_to_end(tmp_path, arch):
+    """GPT-J (unembedding bias) and Gemma-2 (logit soft-cap) through the vocabulary-chunked paths."""
+    from metake_fast.models import get_adapter
+    from metake_fast.runner import final_logits_spec
+
+    model = tiny_model(arch, layers=4, seed=0)
+    _, bias, softcap = final_logits_spec(model, get_adapter(model))
+    assert (bias is not None) if arch == "gptj" else bool(softcap)
+    ed = Editor(model, tiny_tokenizer(), "memit", {**HP, "v_num_grad_steps": 8}, cache=tmp_path, progress=False)
+    before = _edited(ed)
+    report = ed.edit(REQS[:2], batch_size=2)
+    assert all(r.p_new_post > r.p_new_pre for r in report.requests)
+    after = _edited(ed)
+    assert all(torch.isfinite(after[layer]).all() and not torch.equal(after[layer], before[layer]) for layer in after)
+    ed.restore()
+    assert all(torch.equal(_edited(ed)[layer], before[layer]) for layer in before)

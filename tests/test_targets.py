@@ -165,3 +165,26 @@ def test_kl_reference_equals_full_vocabulary_path(bias, softcap):
     (gw,) = torch.autograd.grad(want.sum(), x)
     torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-6)
     assert ref.kl(h0).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bias, softcap", [(True, None), (False, 3.0), (True, 3.0)])
+def test_target_logprobs_with_bias_and_softcap_equal_full_vocabulary(bias, softcap):
+    """The vocabulary-chunked path for GPT-J-style biases and Gemma-2 soft-caps, value and gradient."""
+    from metake_fast.runner import full_logprobs, target_logprobs
+
+    model = tiny_model("llama", layers=3, seed=1)
+    if bias:
+        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
+    model.config.final_logit_softcapping = softcap
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, model.config.hidden_size, generator=g).requires_grad_(True)
+    t = torch.randint(0, model.lm_head.out_features, (6,), generator=g)
+    got = target_logprobs(model, adapter, h, t, chunk=100)
+    x = h.detach().clone().requires_grad_(True)
+    want = full_logprobs(model, adapter, x).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = torch.rand(6, generator=g)
+    (gg,) = torch.autograd.grad((got * w).sum(), h)
+    (gw,) = torch.autograd.grad((want * w).sum(), x)
+    torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-6)
