@@ -20,35 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .delta import DeltaError, tensor_checksum
+from .delta import DeltaError, tensor_checksum, write_atomic
 
 FORMAT = "metake_fast.checkpoint"
 
 
 class CheckpointError(DeltaError):
     """A checkpoint is missing, corrupt, or does not belong to this editor (model, method, hparams)."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_checkpoint(editor, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:

@@ -60,6 +60,24 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def save_delta(editor, path: str | os.PathLike) -> Path:
     """Write ``editor.weight_deltas()`` and provenance to ``path`` (atomically: temp file + rename)."""
     from safetensors.torch import save
@@ -91,21 +109,7 @@ def save_delta(editor, path: str | os.PathLike) -> Path:
         "version": __version__,
         "sha256": tensor_checksum(tensors),
     }
-    data = save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, save(tensors, metadata=metadata))
     log.info("saved %d layer delta(s) of %d edit(s) to %s", len(tensors), len(editor.history), path)
     return path
 

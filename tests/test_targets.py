@@ -140,16 +140,22 @@ def test_early_stop_freezes_request(reqs):
     assert res.steps.tolist() == [0, 0, 0] and torch.equal(res.delta, torch.zeros_like(res.delta))
 
 
+def _biased_capped_llama(bias: bool, softcap):
+    """A tiny llama given a GPT-J-style unembedding bias and/or a Gemma-2-style logit soft-cap."""
+    model = tiny_model("llama", layers=3, seed=1)
+    if bias:
+        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
+    model.config.final_logit_softcapping = softcap
+    return model
+
+
 @pytest.mark.parametrize("bias, softcap", [(False, None), (True, None), (False, 3.0), (True, 3.0)])
 def test_kl_reference_equals_full_vocabulary_path(bias, softcap):
     """The essence KL through fused_kl (chunked) equals the explicit full log-probabilities,
     also with an unembedding bias (GPT-J) and a logit soft-cap (Gemma-2)."""
     from metake_fast.runner import KLReference, full_logprobs
 
-    model = tiny_model("llama", layers=3, seed=1)
-    if bias:
-        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
-    model.config.final_logit_softcapping = softcap
+    model = _biased_capped_llama(bias, softcap)
     adapter = get_adapter(model)
     g = torch.Generator().manual_seed(3)
     h0 = torch.randn(4, model.config.hidden_size, generator=g)
@@ -172,10 +178,7 @@ def test_target_logprobs_with_bias_and_softcap_equal_full_vocabulary(bias, softc
     """The vocabulary-chunked path for GPT-J-style biases and Gemma-2 soft-caps, value and gradient."""
     from metake_fast.runner import full_logprobs, target_logprobs
 
-    model = tiny_model("llama", layers=3, seed=1)
-    if bias:
-        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
-    model.config.final_logit_softcapping = softcap
+    model = _biased_capped_llama(bias, softcap)
     adapter = get_adapter(model)
     g = torch.Generator().manual_seed(4)
     h = torch.randn(6, model.config.hidden_size, generator=g).requires_grad_(True)
