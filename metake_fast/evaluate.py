@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .datasets import DatasetError, EvalCase, detect_format, load_dataset, read_records
-from .models import get_adapter
+from .models import ensure_writable_dir, get_adapter
 from .runner import encode, encode_target, final_hidden, full_logprobs, make_batch, model_device, pad_id
 from .scoring import score_objects
 
@@ -518,15 +518,7 @@ def run_evaluation(
     elif not isinstance(hparams, EditHParams):
         make_hparams(method, dict(hparams or {}))  # unknown method / bad fields, before the model loads
     if checkpoint is not None:
-        ck = Path(checkpoint)
-        if ck.exists() and not ck.is_dir():
-            raise EvaluationError(f"--checkpoint {ck} exists and is not a directory")
-        try:
-            ck.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EvaluationError(f"cannot create checkpoint directory {ck}: {e.strerror or e}") from None
-        if not os.access(ck, os.W_OK | os.X_OK):
-            raise EvaluationError(f"checkpoint directory {ck} is not writable")
+        ensure_writable_dir(Path(checkpoint), "checkpoint directory", EvaluationError)
     out_path = Path(out) if out is not None else None
     rec_path = Path(records_path) if records_path is not None else (results_records_path(out) if out else None)
     for p in (out_path, rec_path):

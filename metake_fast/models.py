@@ -242,6 +242,19 @@ SMOLLM2 = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def ensure_writable_dir(directory: Path, what: str, error: type[Exception]) -> Path:
+    """Create ``directory`` (with parents) and check it is a writable directory; ``error(msg)`` if not."""
+    if directory.exists() and not directory.is_dir():
+        raise error(f"{what} {directory} exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create {what} {directory}: {e.strerror or e}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise error(f"{what} {directory} is not writable")
+    return directory
+
+
 def cache_dir() -> Path:
     """``$METAKE_FAST_CACHE`` or ``$XDG_CACHE_HOME/metake_fast`` (default ``~/.cache/metake_fast``)."""
     env = os.environ.get("METAKE_FAST_CACHE")

@@ -19,6 +19,7 @@ from torch import nn
 
 from .models import ModelAdapter
 from .ops import fused_kl, fused_target_logprob
+from .ops.fused_kl import capped_logits
 
 
 class _StopForward(Exception):
@@ -190,17 +191,6 @@ def target_logprobs(
     return _BiasedTargetLogprob.apply(hidden.to(weight.dtype), weight, bias, float(softcap or 0.0), targets, chunk)
 
 
-def _capped_logits(h, w, b, softcap):
-    """``cap(h wᵀ + b)`` in fp32 and the cap's derivative (None without a cap)."""
-    z = (h @ w.T).float()
-    if b is not None:
-        z = z + b.float()
-    if softcap:
-        t = torch.tanh(z / softcap)
-        return t * softcap, 1 - t * t
-    return z, None
-
-
 class _BiasedTargetLogprob(torch.autograd.Function):
     """``log softmax(cap(W h + b))[target]`` chunked over the vocabulary (online log-sum-exp);
     the backward recomputes each chunk: ``∇h = c'_t W_t − Σ_v p_v c'_v W_v``."""
@@ -212,7 +202,7 @@ class _BiasedTargetLogprob(torch.autograd.Function):
         with torch.no_grad():
             for v0 in range(0, weight.shape[0], chunk):
                 b = None if bias is None else bias[v0 : v0 + chunk]
-                z, _ = _capped_logits(hidden, weight[v0 : v0 + chunk], b, softcap)
+                z, _ = capped_logits(hidden, weight[v0 : v0 + chunk], b, softcap)
                 lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
             zt = (hidden.float() * weight[targets].float()).sum(1)
             if bias is not None:
@@ -234,7 +224,7 @@ class _BiasedTargetLogprob(torch.autograd.Function):
         for v0 in range(0, weight.shape[0], ctx.chunk):
             w = weight[v0 : v0 + ctx.chunk]
             b = None if bias is None else bias[v0 : v0 + ctx.chunk]
-            z, dcap = _capped_logits(hidden, w, b, ctx.softcap)
+            z, dcap = capped_logits(hidden, w, b, ctx.softcap)
             p = torch.exp(z - lse[:, None]) * g[:, None]
             if dcap is not None:
                 p = p * dcap

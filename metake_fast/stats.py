@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .corpus import Corpus, CorpusError, load_corpus
-from .models import ModelAdapter, get_adapter, weights_fingerprint
+from .models import ModelAdapter, ensure_writable_dir, get_adapter, weights_fingerprint
 from .models import cache_dir as default_cache_dir
 from .ops import second_moment_accumulate
 
@@ -315,13 +315,7 @@ def _prepare_cache_dir(cache) -> Path | None:
     if cache is False or cache is None:
         return None
     directory = (default_cache_dir() if cache is True else Path(cache).expanduser()) / "stats"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StatsError(f"cannot create statistics cache dir {directory}: {e.strerror or e}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StatsError(f"statistics cache dir {directory} is not writable")
-    return directory
+    return ensure_writable_dir(directory, "statistics cache dir", StatsError)
 
 
 def distributed_world() -> tuple[int, int]:

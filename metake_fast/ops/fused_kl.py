@@ -73,17 +73,25 @@ def _gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_logits(H2, weight, bias, softcap, v0, chunk, acc):
-    """Logits of vocabulary rows ``[v0, v0 + chunk)`` for both sides (2n, c) in ``acc``, and the
-    soft-cap derivative ``1 − tanh²`` (None without a cap)."""
-    w = weight[v0 : v0 + chunk].to(H2.dtype)
-    Z = (H2 @ w.T).to(acc)
+def capped_logits(h, w, bias, softcap, acc=torch.float32):
+    """``cap(h wᵀ + b)`` in ``acc`` and the soft-cap derivative ``1 − tanh²`` (None without a cap).
+    The GEMM runs in ``h``'s dtype (``w`` is cast to it); ``cap(z) = c·tanh(z/c)``, ``c = softcap``."""
+    Z = (h @ w.to(h.dtype).T).to(acc)
     if bias is not None:
-        Z = Z + bias[v0 : v0 + chunk].to(acc)
+        Z = Z + bias.to(acc)
     if softcap:
         t = torch.tanh(Z / softcap)
-        return t * softcap, 1 - t * t, w
-    return Z, None, w
+        return t * softcap, 1 - t * t
+    return Z, None
+
+
+def _chunk_logits(H2, weight, bias, softcap, v0, chunk, acc):
+    """Logits of vocabulary rows ``[v0, v0 + chunk)`` for both sides (2n, c), their cap derivative
+    and the weight chunk (in the GEMM dtype)."""
+    w = weight[v0 : v0 + chunk].to(H2.dtype)
+    b = None if bias is None else bias[v0 : v0 + chunk]
+    Z, dcap = capped_logits(H2, w, b, softcap, acc)
+    return Z, dcap, w
 
 
 def kl_reference(hidden, ref_hidden, weight, bias, softcap, chunk):
