@@ -55,6 +55,7 @@ class RequestReport:
     realised: float
     target_nll: float
     target_steps: int
+    fallback: bool = False  # MetaKE safeguard: the plain target was written for this request
 
     @property
     def success(self) -> bool:
@@ -289,7 +290,7 @@ class Editor:
         post = self._score(reqs) if score else None
         timing["score"] += time.perf_counter() - t0
         i = 0
-        for tres, realised in batch_info:
+        for tres, realised, fallback in batch_info:
             for j in range(tres.delta.shape[0]):
                 r = reqs[i]
                 report.requests.append(
@@ -299,6 +300,7 @@ class Editor:
                         p_true_pre=pre[1][i] if pre and r.target_true else None,
                         p_true_post=post[1][i] if post and r.target_true else None,
                         realised=float(realised[j]), target_nll=float(tres.nll[j]), target_steps=int(tres.steps[j]),
+                        fallback=bool(fallback[j]),
                     )
                 )  # fmt: skip
                 i += 1
@@ -379,20 +381,26 @@ class Editor:
         timing["targets"] += time.perf_counter() - t0
         dev = self.adapter.edit_weight(self.model, L).device
         Z = (tres.h + tres.delta).T.to(dev)  # (d_v, u)
+        fallback = torch.zeros(len(reqs), dtype=torch.bool)
         if self.method == "metake":
-            from .metake import refine_targets
+            from .metake import refine_targets, safeguarded_write
 
             t0 = time.perf_counter()
-            Z = refine_targets(self, reqs, templates, tres, timing)
+            Z_meta = refine_targets(self, reqs, templates, tres, timing).to(dev)
             timing["targets"] += time.perf_counter() - t0
-        self._write(reqs, templates, Z, timing)
+            if self.hparams.safeguard:
+                fallback = safeguarded_write(self, reqs, templates, Z, Z_meta, timing)
+            else:
+                self._write(reqs, templates, Z_meta, timing)
+        else:
+            self._write(reqs, templates, Z, timing)
         # realised share of the planned residual at L (one forward over the bare prompts)
         t0 = time.perf_counter()
         _, H_post = keys_and_residual(self.model, self.tok, self.adapter, reqs, None, L, [["{}"]])
         R = tres.delta.T.to(H_post.device)
         realised = ((H_post - tres.h.T.to(H_post.device)) * R).sum(0) / R.pow(2).sum(0).clamp_min(1e-12)
         timing["keys"] += time.perf_counter() - t0
-        return tres, realised.cpu()
+        return tres, realised.cpu(), fallback
 
     def _write(self, reqs, templates, Z: torch.Tensor, timing: dict) -> None:
         """Write targets ``Z`` (d_v, u) at the last edited layer with the method's solver."""

@@ -678,6 +678,7 @@ def run_evaluation(
             "min_realised": _finite(min(realised)) if realised else None,
             "mean_target_nll": _finite(_mean(nll)) if nll else None,
             "mean_target_steps": _mean(steps),
+            "fallbacks": sum(r.fallback for r in report.requests),
         },
         "fluency_settings": {"prompts_per_case": fluency_prompts, "new_tokens": fluency_tokens, "greedy": True}
         if do_fluency
@@ -694,6 +695,7 @@ def run_evaluation(
                     "realised": _finite(rr.realised),
                     "target_nll": _finite(rr.target_nll),
                     "target_steps": rr.target_steps,
+                    "fallback": rr.fallback,
                 }
                 if rr is not None
                 else None

@@ -98,6 +98,10 @@ class MetaKEHParams(AlphaEditHParams):
         ``"spread"`` (the gate of MEMIT's residual spreading over the layers; see :mod:`metake_fast.metake`).
     outer_clamp_norm_factor: ``‖R_i‖ ≤ c·‖h_i‖`` during the outer loop.
     base_solver: ``"alphaedit"`` or ``"memit"`` for the gate and the final write.
+    safeguard: after the write, check each request on its own rewrite prompt against the write of
+        the plain (lower-level) targets, and write the plain target for every request whose
+        refined target did worse (log P(new) − log P(true); see :func:`metake_fast.metake.safeguarded_write`).
+        ``false`` gives the adopted formulation exactly.
     """
 
     outer_steps: int = 10
@@ -110,6 +114,7 @@ class MetaKEHParams(AlphaEditHParams):
     outer_clamp_norm_factor: float = 1.5
     base_solver: str = "alphaedit"
     mom2_update_weight: float = 15000.0
+    safeguard: bool = True
     method = "metake"
 
 

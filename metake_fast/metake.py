@@ -13,6 +13,13 @@ one row per request) the injected vectors are ``Gᵀ R`` and the proxy gradient
 is ``G ∇_H̃``. The refined targets ``Z = H + R`` are then written once by the
 standard multi-layer solver.
 
+Safeguard (``safeguard``, on by default; not part of the adopted formulation): the
+proxy models one layer's gate, but the write spreads the residual over several
+layers whose keys move as earlier layers change, so for a few requests the refined
+target can do worse than the plain one once really written. :func:`safeguarded_write`
+checks each request on its own rewrite prompt and writes the plain target where the
+refined one lost.
+
 Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
 ``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same times ``1 − g_ii``,
 so the penalty is strongest where the solver truncates most and a large
@@ -27,6 +34,8 @@ residual would mostly be lost), ``gate`` (``"full"`` or ``"diag"``), ``outer_kl`
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -129,6 +138,51 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     bar.close()
     editor.last_outer_nll = nll_all.detach().cpu()
     return (tres.h + R).T.contiguous()
+
+
+def _rewrite_margin(editor, reqs) -> torch.Tensor:
+    """Per request, on its own rewrite prompt: ``log P(new) − log P(true)`` (``log P(new)`` without a true object)."""
+    from .scoring import score_objects
+
+    prompts = [r.text() for r in reqs]
+    lp_new = score_objects(editor.model, editor.tok, prompts, [r.target_new for r in reqs]).logprob
+    with_true = [i for i, r in enumerate(reqs) if r.target_true]
+    if with_true:
+        lp_true = score_objects(
+            editor.model, editor.tok, [prompts[i] for i in with_true], [reqs[i].target_true for i in with_true]
+        ).logprob
+        lp_new[torch.tensor(with_true)] -= lp_true
+    return lp_new
+
+
+def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: torch.Tensor, timing: dict):
+    """Write the refined targets, keeping the plain target for requests the refinement made worse.
+
+    The plain targets ``Z_base`` and the refined ``Z_meta`` (each (d_v, u)) are each written
+    once from the same state and every request is scored on its own rewrite prompt only
+    (``log P(new) − log P(true)``: never paraphrase or neighbourhood prompts). Requests
+    whose refined target scored lower get their plain target; if any did, the mixed
+    targets are written once more from the same state. Returns the (u,) bool mask of the
+    requests that fell back. Cost: one or two extra writes and two scoring passes over
+    the batch's rewrite prompts (small against the target optimisation).
+    """
+    snap = editor._snapshot()
+    editor._write(reqs, templates, Z_base, timing)
+    t0 = time.perf_counter()
+    m_base = _rewrite_margin(editor, reqs)
+    timing["targets"] += time.perf_counter() - t0
+    editor._rollback(snap)
+    editor._write(reqs, templates, Z_meta, timing)
+    t0 = time.perf_counter()
+    m_meta = _rewrite_margin(editor, reqs)
+    timing["targets"] += time.perf_counter() - t0
+    worse = m_meta < m_base
+    if bool(worse.any()):
+        editor._rollback(snap)
+        Z = torch.where(worse.to(Z_meta.device)[None, :], Z_base, Z_meta)
+        editor._write(reqs, templates, Z, timing)
+    editor.last_safeguard = {"margin_base": m_base, "margin_meta": m_meta, "fallback": worse}
+    return worse
 
 
 def _differentiable_write(editor, reqs, templates, Z: torch.Tensor):

@@ -76,3 +76,90 @@ def test_proxy_gradient_points_along_exact_gradient(setup, gate_layers):
     print(f"proxy/exact cosine ({gate_layers}): {res['cosine']:.3f}, per request {res['cosine_per_request']}")
     assert res["cosine"] > 0.1
     assert all(0 <= g < 1 + 1e-6 for g in res["gate_eigenvalues"])
+
+
+def _edit_with_targets(model, tok, monkeypatch, Z, **extra):
+    """Edit REQS with MetaKE's refined targets replaced by ``Z``; returns (editor, report, weights)."""
+    import metake_fast.metake as mk
+
+    monkeypatch.setattr(mk, "refine_targets", lambda *a, **k: Z.clone())
+    ed = _editor(model, tok, **extra)
+    rep = ed.edit(REQS)
+    W = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    ed.restore()
+    return ed, rep, W
+
+
+def test_safeguard_writes_plain_target_where_refined_one_loses(setup, monkeypatch):
+    """Oracle: each target set written alone (safeguard off), scored by the edit report's own
+    probabilities; the safeguard must fall back exactly where the refined target scored lower
+    and leave the weights of writing the mixed targets."""
+    import metake_fast.metake as mk
+
+    model, tok = setup
+    real = mk.refine_targets
+    seen = {}
+
+    def sabotaged(editor, reqs, templates, tres, timing):
+        Z = real(editor, reqs, templates, tres, timing).clone()
+        Z[:, 1] = tres.h[1] - 30 * tres.delta[1]  # request 1: a residual pointing away from the new object
+        Z[:, 2] = tres.h[2] + 30 * tres.delta[2]  # request 2: pushed further towards it
+        seen["base"], seen["meta"] = (tres.h + tres.delta).T.clone(), Z.clone()
+        return Z
+
+    monkeypatch.setattr(mk, "refine_targets", sabotaged)
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3)
+    rep = ed.edit(REQS)
+    W_safe = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    ed.restore()
+    fallback = torch.tensor([r.fallback for r in rep.requests])
+
+    def margins(report):
+        return torch.tensor(
+            [torch.tensor(r.p_new_post).log() - torch.tensor(r.p_true_post).log() for r in report.requests]
+        )
+
+    _, rep_b, _ = _edit_with_targets(
+        model, tok, monkeypatch, seen["base"], L2=0.5, nullspace_threshold=1e-3, safeguard=False
+    )
+    _, rep_m, W_m = _edit_with_targets(
+        model, tok, monkeypatch, seen["meta"], L2=0.5, nullspace_threshold=1e-3, safeguard=False
+    )
+    expect = margins(rep_m) < margins(rep_b)
+    assert bool(expect[1]) and not bool(expect[2]), "request 1 must lose and request 2 win on its rewrite prompt"
+    assert torch.equal(fallback, expect)
+    mixed = torch.where(expect[None, :], seen["base"], seen["meta"])
+    _, rep_x, W_x = _edit_with_targets(
+        model, tok, monkeypatch, mixed, L2=0.5, nullspace_threshold=1e-3, safeguard=False
+    )
+    for layer in W_safe:
+        torch.testing.assert_close(W_safe[layer], W_x[layer], rtol=0, atol=1e-6)
+    assert not torch.equal(W_safe[ed.layers[-1]], W_m[ed.layers[-1]])
+    # the request that fell back ends where the plain target's write would leave it (up to the batch's coupling)
+    assert margins(rep)[1] > margins(rep_m)[1]
+
+
+def test_safeguard_off_is_the_adopted_formulation(setup, monkeypatch):
+    """safeguard=false writes the refined targets once: the same weights as writing them directly."""
+    import metake_fast.metake as mk
+
+    model, tok = setup
+    real = mk.refine_targets
+    seen = {}
+
+    def spy(editor, reqs, templates, tres, timing):
+        seen["Z"] = real(editor, reqs, templates, tres, timing).clone()
+        return seen["Z"]
+
+    monkeypatch.setattr(mk, "refine_targets", spy)
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, safeguard=False)
+    rep = ed.edit(REQS)
+    assert not any(r.fallback for r in rep.requests)
+    W = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    ed.restore()
+    ed2 = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, safeguard=False)
+    tpl = ed2._templates()
+    ed2._write(REQS, tpl, seen["Z"], {"keys": 0.0, "solve": 0.0, "apply": 0.0})
+    for layer in W:
+        assert torch.equal(W[layer], ed2.adapter.edit_weight(model, layer).detach())
+    ed2.restore()
