@@ -161,23 +161,27 @@ def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: tor
     The plain targets ``Z_base`` and the refined ``Z_meta`` (each (d_v, u)) are each written
     once from the same state and every request is scored on its own rewrite prompt only
     (``log P(new) − log P(true)``: never paraphrase or neighbourhood prompts). Requests
-    whose refined target scored lower get their plain target; if any did, the mixed
-    targets are written once more from the same state. Returns the (u,) bool mask of the
-    requests that fell back. Cost: one or two extra writes and two scoring passes over
-    the batch's rewrite prompts (small against the target optimisation).
+    whose refined target scored lower get their plain target: if all or none did, the
+    state after that write is kept; otherwise the mixed targets are written once more
+    from the same state. Returns the (u,) bool mask of the
+    requests that fell back. Cost: one extra write (two when only some requests fall
+    back) and two scoring passes over the batch's rewrite prompts.
     """
     snap = editor._snapshot()
-    editor._write(reqs, templates, Z_base, timing)
-    t0 = time.perf_counter()
-    m_base = _rewrite_margin(editor, reqs)
-    timing["targets"] += time.perf_counter() - t0
-    editor._rollback(snap)
     editor._write(reqs, templates, Z_meta, timing)
     t0 = time.perf_counter()
     m_meta = _rewrite_margin(editor, reqs)
     timing["targets"] += time.perf_counter() - t0
+    snap_meta = editor._snapshot()
+    editor._rollback(snap)
+    editor._write(reqs, templates, Z_base, timing)
+    t0 = time.perf_counter()
+    m_base = _rewrite_margin(editor, reqs)
+    timing["targets"] += time.perf_counter() - t0
     worse = m_meta < m_base
-    if bool(worse.any()):
+    if not bool(worse.any()):
+        editor._rollback(snap_meta)  # the refined write, kept from above
+    elif not bool(worse.all()):
         editor._rollback(snap)
         Z = torch.where(worse.to(Z_meta.device)[None, :], Z_base, Z_meta)
         editor._write(reqs, templates, Z, timing)

@@ -90,7 +90,15 @@ def _edit_with_targets(model, tok, monkeypatch, Z, **extra):
     return ed, rep, W
 
 
-def test_safeguard_writes_plain_target_where_refined_one_loses(setup, monkeypatch):
+SABOTAGE = {  # per request: the refined residual as a multiple of the plain one
+    "mixed": (1.0, -30.0, 30.0),  # request 1 points away from the new object, request 2 further towards it
+    "none_fall_back": (30.0, 30.0, 30.0),
+    "all_fall_back": (-30.0, -30.0, -30.0),
+}
+
+
+@pytest.mark.parametrize("case", list(SABOTAGE))
+def test_safeguard_writes_plain_target_where_refined_one_loses(setup, monkeypatch, case):
     """Oracle: each target set written alone (safeguard off), scored by the edit report's own
     probabilities; the safeguard must fall back exactly where the refined target scored lower
     and leave the weights of writing the mixed targets."""
@@ -102,8 +110,9 @@ def test_safeguard_writes_plain_target_where_refined_one_loses(setup, monkeypatc
 
     def sabotaged(editor, reqs, templates, tres, timing):
         Z = real(editor, reqs, templates, tres, timing).clone()
-        Z[:, 1] = tres.h[1] - 30 * tres.delta[1]  # request 1: a residual pointing away from the new object
-        Z[:, 2] = tres.h[2] + 30 * tres.delta[2]  # request 2: pushed further towards it
+        for i, f in enumerate(SABOTAGE[case]):
+            if f != 1.0:
+                Z[:, i] = tres.h[i] + f * tres.delta[i]
         seen["base"], seen["meta"] = (tres.h + tres.delta).T.clone(), Z.clone()
         return Z
 
@@ -126,7 +135,8 @@ def test_safeguard_writes_plain_target_where_refined_one_loses(setup, monkeypatc
         model, tok, monkeypatch, seen["meta"], L2=0.5, nullspace_threshold=1e-3, safeguard=False
     )
     expect = margins(rep_m) < margins(rep_b)
-    assert bool(expect[1]) and not bool(expect[2]), "request 1 must lose and request 2 win on its rewrite prompt"
+    want = {"mixed": [None, True, False], "none_fall_back": [False] * 3, "all_fall_back": [True] * 3}[case]
+    assert all(w is None or bool(e) == w for e, w in zip(expect, want)), (case, expect)
     assert torch.equal(fallback, expect)
     mixed = torch.where(expect[None, :], seen["base"], seen["meta"])
     _, rep_x, W_x = _edit_with_targets(
@@ -134,9 +144,10 @@ def test_safeguard_writes_plain_target_where_refined_one_loses(setup, monkeypatc
     )
     for layer in W_safe:
         torch.testing.assert_close(W_safe[layer], W_x[layer], rtol=0, atol=1e-6)
-    assert not torch.equal(W_safe[ed.layers[-1]], W_m[ed.layers[-1]])
-    # the request that fell back ends where the plain target's write would leave it (up to the batch's coupling)
-    assert margins(rep)[1] > margins(rep_m)[1]
+    if case != "none_fall_back":
+        assert not torch.equal(W_safe[ed.layers[-1]], W_m[ed.layers[-1]])
+        # a request that fell back ends better than the refined write alone would leave it
+        assert margins(rep)[1] > margins(rep_m)[1]
 
 
 def test_safeguard_off_is_the_adopted_formulation(setup, monkeypatch):
