@@ -14,6 +14,9 @@ What makes it fast:
 * positions before the subject's last token do not depend on ``δ``: their keys
   and values are computed once (a KV cache of the prefixes) and each step runs
   only the remaining few tokens per prompt;
+* layers ``0..L`` do not depend on ``δ`` either: their output for the step tokens
+  is computed once per chunk and replayed, so each step runs only layers ``L+1..``
+  (``skip_lower``; off where the weights of those layers change between forwards);
 * log-probabilities only at target positions, through the fused op; the full
   vocabulary only at the one essence position per request (for the KL).
 """
@@ -52,7 +55,7 @@ class TargetConfig:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     early_stop_nll: float = 5e-2
-    chunk_tokens: int = 4096
+    chunk_tokens: int = 1024
     prefix_cache: bool = True
 
 
@@ -124,14 +127,23 @@ def _cache_kwarg(module) -> str:
 class _ChunkRunner:
     """Runs the prompts of one chunk with ``δ`` injected after layer ``L`` at remainder position 0."""
 
-    def __init__(self, model, tok, adapter: ModelAdapter, lay: _Layout, layer: int, prefix_cache: bool):
+    def __init__(
+        self, model, tok, adapter: ModelAdapter, lay: _Layout, layer: int, prefix_cache: bool, skip_lower: bool = True
+    ):
         self.model, self.adapter, self.layer = model, adapter, layer
+        self.skip_lower = skip_lower
+        self.replay = None  # layer L's output for the step tokens, captured by the first forward(None)
         dev = model_device(model)
         self.dev = dev
         pid = pad_id(tok)
         self.owner = torch.tensor(lay.owner, device=dev)
         P = max(len(p) for p in lay.prefixes)
-        self.use_cache = prefix_cache and P > 0
+        T = max(len(p) + len(r) for p, r in zip(lay.prefixes, lay.rests))
+        # a sliding-window layer's cache keeps only the last window of the (right-padded)
+        # prefix batch: exact only while every sequence fits in the window
+        window = getattr(getattr(model, "config", None), "sliding_window", None)
+        fits = not isinstance(window, int) or window <= 0 or T < window
+        self.use_cache = prefix_cache and P > 0 and fits
         if self.use_cache:
             pre = make_batch([p if p else [pid] for p in lay.prefixes], pid, dev)
             pre.attention_mask[[i for i, p in enumerate(lay.prefixes) if not p], 0] = 0
@@ -154,7 +166,9 @@ class _ChunkRunner:
                     use_cache=True,
                 )
             self.cache = cache
-            self.saved = [(lyr.keys, lyr.values) for lyr in cache.layers]
+            # every layer's whole state, not just keys/values: sliding-window layers also
+            # count the tokens seen (``cumulative_length``), which decides their masks
+            self.saved = [dict(vars(lyr)) for lyr in cache.layers]
             self.col_offset = 0
         else:
             full = make_batch([p + r for p, r in zip(lay.prefixes, lay.rests)], pid, dev)
@@ -178,9 +192,12 @@ class _ChunkRunner:
         w.r.t. ``delta`` is ``gate @ ∇`` (MetaKE's structural proxy).
         """
         captured = {}
+        record = self.skip_lower and self.replay is None and delta is None
 
         def hook(module, args, output):
             hs = output[0] if isinstance(output, tuple) else output
+            if record:
+                self.replay = (hs.detach(), tuple(output[1:]) if isinstance(output, tuple) else None)
             if capture_h:
                 captured["h"] = hs[self.rows, self.inject_col].detach().float()
             if delta is not None:
@@ -188,18 +205,42 @@ class _ChunkRunner:
                 return (hs,) + tuple(output[1:]) if isinstance(output, tuple) else hs
             return output
 
-        handle = self.adapter.decoder_layers(self.model)[self.layer].register_forward_hook(hook)
+        layers = self.adapter.decoder_layers(self.model)
+        handle = layers[self.layer].register_forward_hook(hook)
+        replaced = self._replay_lower(layers) if self.replay is not None and not record else []
         try:
             kwargs = {}
             if self.use_cache:
-                for lyr, (k, v) in zip(self.cache.layers, self.saved):
-                    lyr.keys, lyr.values = k, v
+                for lyr, state in zip(self.cache.layers, self.saved):
+                    vars(lyr).clear()
+                    vars(lyr).update(state)
                 kwargs = {self.cache_kw: self.cache, "use_cache": True, "position_ids": self.pos}
             out = self.model.base_model(input_ids=self.rest_ids, attention_mask=self.mask, **kwargs)
         finally:
             handle.remove()
+            for module, old in replaced:
+                if old is None:
+                    del module.forward
+                else:
+                    module.forward = old
         hid = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hid, captured.get("h")
+
+    def _replay_lower(self, layers) -> list:
+        """Make layers ``0..L`` return the recorded layer-L output (their result for these
+        tokens never changes); returns ``(module, previous instance forward)`` to undo it.
+        Layers above ``L`` read only their own KV cache, so the lower layers' cache
+        entries for the step tokens are not needed."""
+        hs, tail = self.replay
+
+        def replay(*args, **kwargs):
+            return hs if tail is None else (hs,) + tail
+
+        replaced = []
+        for module in list(layers)[: self.layer + 1]:
+            replaced.append((module, module.__dict__.get("forward")))
+            module.forward = replay  # instance attribute: hooks (and accelerate's wrappers) are kept around it
+        return replaced
 
 
 def optimize_targets(
@@ -271,10 +312,20 @@ class ChunkProblem:
     ``delta``. ``h`` is the pre-edit residual at the subject (bare prompt).
     """
 
-    def __init__(self, model, tok, adapter: ModelAdapter, requests, layer: int, templates, prefix_cache: bool = True):
+    def __init__(
+        self,
+        model,
+        tok,
+        adapter: ModelAdapter,
+        requests,
+        layer: int,
+        templates,
+        prefix_cache: bool = True,
+        skip_lower: bool = True,
+    ):
         lay = _layout(tok, requests, templates)
         self.model, self.adapter = model, adapter
-        self.run = run = _ChunkRunner(model, tok, adapter, lay, layer, prefix_cache)
+        self.run = run = _ChunkRunner(model, tok, adapter, lay, layer, prefix_cache, skip_lower)
         dev = self.dev = run.dev
         self.u = len(requests)
         self.norm = adapter.norm(model)

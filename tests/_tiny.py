@@ -92,11 +92,14 @@ def tiny_config(arch: str = "llama", layers: int = 4, vocab_size: int = VOCAB_SI
     raise ValueError(f"unknown tiny arch {arch!r}")
 
 
-def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0, dtype=torch.float32):
-    """A random ``*ForCausalLM`` (eval mode, no grads) with the tiny tokenizer's vocabulary."""
+def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0, dtype=torch.float32, **config_overrides):
+    """A random ``*ForCausalLM`` (eval mode, no grads) with the tiny tokenizer's vocabulary;
+    ``config_overrides`` are set on the config before the model is built."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(arch, layers, len(tiny_tokenizer()))
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.to(dtype)

@@ -189,7 +189,7 @@ HP_FIELDS = [
     "layers", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "L2",
     "nullspace_threshold", "stats_tokens", "stats_max_length", "context_template_count",
     "context_template_length", "outer_steps", "outer_lr", "gamma", "omega", "gate", "gate_layers", "mom2_update_weight",
-    "safeguard", "outer_kl",
+    "safeguard", "safeguard_margin", "outer_kl", "target_chunk_tokens",
 ]  # fmt: skip
 hp_values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**12), st.booleans(), st.none(), texts,

@@ -41,9 +41,18 @@ def _problem(model, reqs, prefix_cache):
     return ChunkProblem(model, tiny_tokenizer(), get_adapter(model), reqs, LAYER, TEMPLATES, prefix_cache)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox", "gptj", "gemma2", "gemma2-window16"])
 def test_prefix_cache_runner_equals_full_runner(arch, reqs):
-    model = tiny_model(arch, layers=3, seed=1)
+    if arch == "gemma2-window16":
+        # sliding window shorter than the prompts: the prefix cache would drop keys, so the
+        # runner must fall back to full sequences (and still give the same results)
+        model = tiny_model("gemma2", layers=3, seed=1, sliding_window=16)
+        cached, plain = _problem(model, reqs, True), _problem(model, reqs, False)
+        assert not cached.run.use_cache
+        torch.testing.assert_close(cached.nll_init, plain.nll_init, rtol=0, atol=0)
+        return
+    # gemma2: sliding-window layers wider than the prompts (their cache state must be restored every step)
+    model = tiny_model(arch, layers=3, seed=1, **({"sliding_window": 128} if arch == "gemma2" else {}))
     cached, plain = _problem(model, reqs, True), _problem(model, reqs, False)
     assert cached.run.use_cache and not plain.run.use_cache
     # the cached runner really skips the prefixes
@@ -73,6 +82,43 @@ def test_prefix_cache_runner_equals_full_runner(arch, reqs):
     nll1, kl1 = cached.losses(d1)
     assert torch.equal(nll1[[0, 2]], cached.losses(torch.zeros_like(delta))[0][[0, 2]])
     assert float(kl1[0]) == pytest.approx(0.0, abs=1e-6) and float(kl1[2]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox", "gptj", "gemma2"])
+def test_replaying_lower_layers_equals_running_them(arch, prefix_cache, reqs):
+    """Layers 0..L replayed from the recorded output: the same losses and gradients as running
+    them, the lower layers' MLPs really not run during the steps, and the model untouched after."""
+    model = tiny_model(arch, layers=4, seed=3, **({"sliding_window": 128} if arch == "gemma2" else {}))
+    adapter = get_adapter(model)
+    tok = tiny_tokenizer()
+    layer = 2
+    fast = ChunkProblem(model, tok, adapter, reqs, layer, TEMPLATES, prefix_cache, skip_lower=True)
+    slow = ChunkProblem(model, tok, adapter, reqs, layer, TEMPLATES, prefix_cache, skip_lower=False)
+    assert fast.run.replay is not None and slow.run.replay is None
+    torch.testing.assert_close(fast.h, slow.h, rtol=0, atol=0)
+    calls = []
+    lower = adapter.decoder_layers(model)[0]
+    leaves = [m for m in lower.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in leaves]
+    g = torch.Generator().manual_seed(0)
+    delta = 0.3 * fast.h.norm(dim=1, keepdim=True) * torch.randn(fast.h.shape, generator=g) / fast.h.shape[1] ** 0.5
+    res = []
+    try:
+        for prob in (fast, slow):
+            calls.clear()
+            d = delta.clone().requires_grad_(True)
+            nll, kl = prob.losses(d)
+            (grad,) = torch.autograd.grad((nll + kl).sum(), d)
+            res.append((nll.detach(), kl.detach(), grad, len(calls)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert res[0][3] == 0 and res[1][3] > 0
+    for a, b in zip(res[0][:3], res[1][:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    assert float(res[0][2].abs().max()) > 0
+    assert all("forward" not in m.__dict__ for m in adapter.decoder_layers(model))  # the replay was undone
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
