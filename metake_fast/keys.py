@@ -56,11 +56,15 @@ def keys_and_residual(
     is_bare[bare] = True
     K = H = None
     last = max(x for x in (key_layer, out_layer) if x is not None)
+    # batches of similar length: the context-prefixed prompts are several times longer than
+    # the bare ones, and padding every batch to its longest row wasted a third of the pass
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
     for s in range(0, len(seqs), batch_rows):
-        part = seqs[s : s + batch_rows]
+        idx = order[s : s + batch_rows]
+        part = [seqs[i] for i in idx]
         batch = make_batch(part, pad_id(tok), dev)
         rows = torch.arange(len(part), device=dev)
-        c = torch.tensor(cols[s : s + batch_rows], device=dev)
+        c = torch.tensor([cols[i] for i in idx], device=dev)
         got = {}
 
         def key_hook(module, args):
@@ -86,7 +90,7 @@ def keys_and_residual(
         finally:
             for h in handles:
                 h.remove()
-        sl = slice(s, s + len(part))
+        sl = torch.tensor(idx)
         if key_layer is not None:
             K = torch.zeros(u, got["k"].shape[1]) if K is None else K
             K.index_add_(0, own[sl], got["k"] * w[sl, None])

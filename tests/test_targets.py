@@ -237,3 +237,19 @@ def test_target_logprobs_with_bias_and_softcap_equal_full_vocabulary(bias, softc
     (gg,) = torch.autograd.grad((got * w).sum(), h)
     (gw,) = torch.autograd.grad((want * w).sum(), x)
     torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_keys_batched_by_length_equal_one_sequence_at_a_time(arch, reqs):
+    """keys_and_residual sorts the sequences by length into batches: the keys and residuals must
+    equal those of running every sequence alone (no padding), in the requests' order."""
+    model = tiny_model(arch, layers=3, seed=4)
+    adapter, tok = get_adapter(model), tiny_tokenizer()
+    K, H = keys_and_residual(model, tok, adapter, reqs, 1, 2, TEMPLATES, batch_rows=4)
+    K1, H1 = keys_and_residual(model, tok, adapter, reqs, 1, 2, TEMPLATES, batch_rows=1)
+    torch.testing.assert_close(K, K1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(H, H1, rtol=1e-5, atol=1e-6)
+    for i, r in enumerate(reqs):  # each request alone: the columns are in the requests' order
+        Ki, Hi = keys_and_residual(model, tok, adapter, [r], 1, 2, TEMPLATES, batch_rows=1)
+        torch.testing.assert_close(K[:, i : i + 1], Ki, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(H[:, i : i + 1], Hi, rtol=1e-5, atol=1e-6)
