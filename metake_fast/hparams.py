@@ -102,8 +102,9 @@ class MetaKEHParams(AlphaEditHParams):
     outer_clamp_norm_factor: ``‖R_i‖ ≤ c·‖h_i‖`` during the outer loop.
     base_solver: ``"alphaedit"`` or ``"memit"`` for the gate and the final write.
     safeguard / safeguard_margin: after the write, score each request on its own rewrite prompt
-        (``log P(new) − log P(true)``) and write the plain (lower-level) target for every request
-        whose refined write scored below ``safeguard_margin`` *and* below the plain write (see
+        (``log P(new) − log P(true)``); where some score below ``safeguard_margin``, rewrite the
+        batch with the plain (lower-level) target for those requests, and keep that write unless
+        it leaves fewer rewrite prompts at the margin (see
         :func:`metake_fast.metake.safeguarded_write`). ``safeguard: false`` gives the adopted
         formulation exactly.
     """
