@@ -376,8 +376,9 @@ class Editor:
         L = self.layers[-1]
         t0 = time.perf_counter()
         tres = optimize_targets(
-            self.model, self.tok, self.adapter, reqs, L, templates, self._target_config(), progress=self.progress
-        )
+            self.model, self.tok, self.adapter, reqs, L, templates, self._target_config(), progress=self.progress,
+            keep_problems=self.method == "metake",
+        )  # fmt: skip
         timing["targets"] += time.perf_counter() - t0
         dev = self.adapter.edit_weight(self.model, L).device
         Z = (tres.h + tres.delta).T.to(dev)  # (d_v, u)
@@ -386,7 +387,10 @@ class Editor:
             from .metake import refine_targets, safeguarded_write
 
             t0 = time.perf_counter()
-            Z_meta = refine_targets(self, reqs, templates, tres, timing).to(dev)
+            try:
+                Z_meta = refine_targets(self, reqs, templates, tres, timing).to(dev)
+            finally:
+                tres.problems = None  # their KV caches must not outlive the batch (tres stays in the report)
             timing["targets"] += time.perf_counter() - t0
             if self.hparams.safeguard:
                 fallback = safeguarded_write(self, reqs, templates, Z, Z_meta, timing)

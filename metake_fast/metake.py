@@ -106,10 +106,14 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     if hp.outer_steps == 0 or u == 0:
         return (tres.h + R).T
     cfg = editor._target_config()
-    chunks = _chunks(tok, reqs, templates, cfg.chunk_tokens, cfg.prefix_cache)
-    problems = [
-        ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, templates, cfg.prefix_cache) for idx in chunks
-    ]
+    if tres.problems is not None:  # the target loop's chunks, built on this same unedited model
+        chunks = [idx for idx, _ in tres.problems]
+        problems = [prob for _, prob in tres.problems]
+    else:
+        chunks = _chunks(tok, reqs, templates, cfg.chunk_tokens, cfg.prefix_cache)
+        problems = [
+            ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, templates, cfg.prefix_cache) for idx in chunks
+        ]
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
     h_norm = tres.h.norm(dim=1).to(dev)
     max_norm = hp.outer_clamp_norm_factor * h_norm

@@ -63,13 +63,16 @@ class TargetConfig:
 class TargetResult:
     """``delta``: (u, d_v) planned residuals at layer L; ``h``: (u, d_v) pre-edit residual at the
     subject's last token (bare prompt); ``nll``: (u,) final mean target NLL; ``nll_init``: (u,) at δ = 0;
-    ``steps``: (u,) optimisation steps taken."""
+    ``steps``: (u,) optimisation steps taken. ``problems``: with ``keep_problems``, the
+    chunks (request indices) and their :class:`ChunkProblem` (for MetaKE's outer loop,
+    on the same unedited model)."""
 
     delta: torch.Tensor
     h: torch.Tensor
     nll: torch.Tensor
     nll_init: torch.Tensor
     steps: torch.Tensor
+    problems: list | None = None
 
 
 @dataclass
@@ -254,14 +257,18 @@ def optimize_targets(
     *,
     progress: bool = True,
     desc: str = "targets",
+    keep_problems: bool = False,
 ) -> TargetResult:
     """Optimise ``δ`` for every request (in chunks of at most ``cfg.chunk_tokens`` tokens)."""
-    parts = []
+    parts, problems = [], []
     chunks = _chunks(tok, requests, templates, cfg.chunk_tokens, cfg.prefix_cache)
     bar = tqdm(total=len(requests) * cfg.steps, desc=desc, disable=not progress, unit="req·step", leave=False)
     try:
         for idx in chunks:
-            parts.append(_optimize_chunk(model, tok, adapter, [requests[i] for i in idx], layer, templates, cfg, bar))
+            res, prob = _optimize_chunk(model, tok, adapter, [requests[i] for i in idx], layer, templates, cfg, bar)
+            parts.append(res)
+            if keep_problems:
+                problems.append((idx, prob))
     finally:
         bar.close()
     perm = torch.tensor([i for idx in chunks for i in idx])
@@ -271,7 +278,7 @@ def optimize_targets(
         out = torch.empty_like(part)
         out[perm.to(part.device)] = part  # back to the requests' order
         fields.append(out)
-    return TargetResult(*fields)
+    return TargetResult(*fields, problems=problems if keep_problems else None)
 
 
 def _step_tokens(tok, req: EditRequest, prefix_cache: bool) -> int:
@@ -380,7 +387,8 @@ def clamp_rows_(x: torch.Tensor, max_norm: torch.Tensor) -> None:
         x *= (max_norm / x.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
 
 
-def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: TargetConfig, bar) -> TargetResult:
+def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: TargetConfig, bar):
+    """One chunk's optimisation; returns ``(TargetResult, ChunkProblem)``."""
     prob = ChunkProblem(model, tok, adapter, requests, layer, templates, cfg.prefix_cache)
     u, h = prob.u, prob.h
     h_norm = h.norm(dim=1)
@@ -406,4 +414,4 @@ def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: Target
     if not torch.isfinite(delta).all():
         bad = int((~torch.isfinite(delta).all(1)).nonzero()[0])
         raise FloatingPointError(f"target optimisation produced a non-finite delta for request {bad} of the chunk")
-    return TargetResult(delta.detach().float(), h.float(), nll.float(), prob.nll_init.float(), opt.t.long())
+    return TargetResult(delta.detach().float(), h.float(), nll.float(), prob.nll_init.float(), opt.t.long()), prob

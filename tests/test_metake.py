@@ -203,3 +203,20 @@ def test_safeguard_off_is_the_adopted_formulation(setup, monkeypatch):
     for layer in W:
         assert torch.equal(W[layer], ed2.adapter.edit_weight(model, layer).detach())
     ed2.restore()
+
+
+def test_outer_loop_reusing_the_target_chunks_equals_rebuilding_them(setup):
+    """MetaKE's outer loop reuses the target loop's chunk problems (built on the same unedited
+    model): the refined targets equal those from freshly built problems, bit for bit."""
+    import dataclasses
+
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3)
+    tpl = ed._templates()
+    cfg = ed._target_config()
+    tres = optimize_targets(model, tok, ed.adapter, REQS, ed.layers[-1], tpl, cfg, progress=False, keep_problems=True)
+    assert tres.problems is not None and sum(len(idx) for idx, _ in tres.problems) == len(REQS)
+    Z_reused = refine_targets(ed, REQS, tpl, tres, {})
+    Z_fresh = refine_targets(ed, REQS, tpl, dataclasses.replace(tres, problems=None), {})
+    assert torch.equal(Z_reused, Z_fresh)
+    assert not torch.equal(Z_reused, (tres.h + tres.delta).T)  # the outer loop moved the targets
