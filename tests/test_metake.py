@@ -220,3 +220,28 @@ def test_outer_loop_reusing_the_target_chunks_equals_rebuilding_them(setup):
     Z_fresh = refine_targets(ed, REQS, tpl, dataclasses.replace(tres, problems=None), {})
     assert torch.equal(Z_reused, Z_fresh)
     assert not torch.equal(Z_reused, (tres.h + tres.delta).T)  # the outer loop moved the targets
+
+
+def test_interrupt_during_safeguard_rewrite_rolls_back_the_batch(setup, monkeypatch):
+    """The safeguard's second write is inside the atomic batch: an interrupt there puts every
+    weight back bit for bit."""
+    model, tok = setup
+    _sabotage(monkeypatch, (1.0, -30.0, 30.0), {})  # requests 1 and 2 fail: a second write follows
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3)
+    before = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    real_write = ed._write
+    calls = []
+
+    def write(*args, **kwargs):
+        calls.append(1)
+        real_write(*args, **kwargs)
+        if len(calls) == 2:  # the mixed write is in the weights when the interrupt comes
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ed, "_write", write)
+    with pytest.raises(KeyboardInterrupt):
+        ed.edit(REQS)
+    assert len(calls) == 2
+    for layer, w in before.items():
+        assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), w)
+    assert ed.history == []
