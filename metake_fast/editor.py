@@ -319,21 +319,21 @@ class Editor:
         return report
 
     def _score(self, reqs: list[EditRequest]) -> tuple[list[float], list[float | None]]:
+        lp_new, lp_true = self._rewrite_logprobs(reqs)
+        p_true = [float(v) if r.target_true else None for r, v in zip(reqs, lp_true.exp())]
+        return lp_new.exp().tolist(), p_true
+
+    def _rewrite_logprobs(self, reqs: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log P(new), log P(true))`` (each (u,)) on each request's own prompt; NaN where no true object."""
         prompts = [r.text() for r in reqs]
-        p_new = score_objects(self.model, self.tok, prompts, [r.target_new for r in reqs]).logprob.exp().tolist()
+        lp_new = score_objects(self.model, self.tok, prompts, [r.target_new for r in reqs]).logprob
+        lp_true = torch.full_like(lp_new, float("nan"))
         with_true = [i for i, r in enumerate(reqs) if r.target_true]
-        p_true: list[float | None] = [None] * len(reqs)
         if with_true:
-            lp = (
-                score_objects(
-                    self.model, self.tok, [prompts[i] for i in with_true], [reqs[i].target_true for i in with_true]
-                )
-                .logprob.exp()
-                .tolist()
-            )
-            for i, v in zip(with_true, lp):
-                p_true[i] = v
-        return p_new, p_true
+            lp_true[torch.tensor(with_true)] = score_objects(
+                self.model, self.tok, [prompts[i] for i in with_true], [reqs[i].target_true for i in with_true]
+            ).logprob
+        return lp_new, lp_true
 
     def _snapshot(self):
         weights = {layer: self.adapter.edit_weight(self.model, layer).detach().clone() for layer in self.layers}

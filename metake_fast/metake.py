@@ -150,17 +150,8 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
 
 def _rewrite_margin(editor, reqs) -> torch.Tensor:
     """Per request, on its own rewrite prompt: ``log P(new) − log P(true)`` (``log P(new)`` without a true object)."""
-    from .scoring import score_objects
-
-    prompts = [r.text() for r in reqs]
-    lp_new = score_objects(editor.model, editor.tok, prompts, [r.target_new for r in reqs]).logprob
-    with_true = [i for i, r in enumerate(reqs) if r.target_true]
-    if with_true:
-        lp_true = score_objects(
-            editor.model, editor.tok, [prompts[i] for i in with_true], [reqs[i].target_true for i in with_true]
-        ).logprob
-        lp_new[torch.tensor(with_true)] -= lp_true
-    return lp_new
+    lp_new, lp_true = editor._rewrite_logprobs(reqs)
+    return lp_new - torch.nan_to_num(lp_true, nan=0.0)
 
 
 def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: torch.Tensor, timing: dict):
