@@ -43,7 +43,7 @@ class EditHParams:
     target_chunk_tokens: padded tokens run per target-optimisation step and chunk (bounds memory).
         Requests are sorted by length, so smaller chunks also pad less: on SmolLM2 (CPU,
         100 CounterFact requests) a step over all chunks took 207 s at 4096 tokens and
-        140 s at 1024 (bench: tests-equal results). Raise it on a GPU to fill the device.
+        140 s at 1024, with the same NLL. Raise it on a GPU to fill the device.
     """
 
     layers: list[int] = field(default_factory=list)
