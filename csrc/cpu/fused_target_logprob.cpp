@@ -31,8 +31,14 @@ namespace metake_fast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileV = 512;  // vocabulary rows per tile
-constexpr int64_t kTileN = 256;  // hidden rows per BLAS call
+// Tile sizes, measured with one thread at SmolLM2 shapes (n 512, d 576, V 49152):
+// the forward's logits GEMM runs 13 % faster with 512 x 256 blocks than with
+// 256 x 512 (a 512 KB logits tile still sits in L2); the backward's three GEMMs
+// per tile showed no difference within 3 %, so it keeps 256 x 512.
+constexpr int64_t kFwdTileV = 256;  // forward: vocabulary rows per tile
+constexpr int64_t kFwdTileN = 512;  // forward: hidden rows per BLAS call
+constexpr int64_t kTileV = 512;     // backward: vocabulary rows per tile
+constexpr int64_t kTileN = 256;     // backward: hidden rows per BLAS call
 
 inline int num_threads() {
 #ifdef _OPENMP
@@ -128,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
   at::Tensor w = weight.contiguous();
   at::Tensor tg = targets.to(at::kLong).contiguous();
   const bool direct = w.scalar_type() == acc;  // use weight rows in place
-  const int64_t TV = std::max<int64_t>(1, std::min(chunk, kTileV));
+  const int64_t TV = std::max<int64_t>(1, std::min(chunk, kFwdTileV));
   const int64_t ntiles = (V + TV - 1) / TV;
   const int nt = num_threads();
   std::vector<acc_t> M(static_cast<size_t>(nt) * n, -std::numeric_limits<acc_t>::infinity());
@@ -142,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
       acc_t* m = M.data() + static_cast<size_t>(tid) * n;
       acc_t* s = Ssum.data() + static_cast<size_t>(tid) * n;
       at::Tensor wbuf = direct ? at::Tensor() : at::empty({TV, d}, opts);
-      at::Tensor lbuf = at::empty({std::min(n, kTileN), TV}, opts);
+      at::Tensor lbuf = at::empty({std::min(n, kFwdTileN), TV}, opts);
 #pragma omp for schedule(static)  // static: deterministic per-thread accumulation order
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t v0 = t * TV, v1 = std::min(V, v0 + TV), tv = v1 - v0;
@@ -153,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& hidden, const 
           load_tile<acc_t>(w, v0, v1, wbuf.mutable_data_ptr<acc_t>());
           wt = wbuf.narrow(0, 0, tv);
         }
-        for (int64_t i0 = 0; i0 < n; i0 += kTileN) {
-          const int64_t tn = std::min(kTileN, n - i0);
+        for (int64_t i0 = 0; i0 < n; i0 += kFwdTileN) {
+          const int64_t tn = std::min(kFwdTileN, n - i0);
           at::Tensor L = lbuf.narrow(0, 0, tn).narrow(1, 0, tv);
           at::mm_out(L, h.narrow(0, i0, tn), wt.t());
           lse_update_rows(L.const_data_ptr<acc_t>(), tn, tv, TV, m + i0, s + i0);
