@@ -107,6 +107,10 @@ class MetaKEHParams(AlphaEditHParams):
         it leaves fewer rewrite prompts at the margin (see
         :func:`metake_fast.metake.safeguarded_write`). ``safeguard: false`` gives the adopted
         formulation exactly.
+    safeguard_history: with the safeguard, also score the earlier edits' rewrite prompts before
+        and after the write; if fewer prefer their new object afterwards, compare with the plain
+        targets' write from the same state and keep the write with more successes over all edits
+        so far (the refined one on a tie).
     """
 
     outer_steps: int = 10
@@ -121,6 +125,7 @@ class MetaKEHParams(AlphaEditHParams):
     mom2_update_weight: float = 15000.0
     safeguard: bool = True
     safeguard_margin: float = 0.0
+    safeguard_history: bool = False
     method = "metake"
 
 

@@ -22,7 +22,10 @@ refined one failed (margin below ``safeguard_margin``), keeping that write only 
 leaves at least as many of the batch's rewrite prompts succeeding. (Falling back
 wherever the refined write merely scored lower than the plain one, failed or not,
 undid the refinement for 39 of the first 100 CounterFact requests and lost its
-generalization gain.)
+generalization gain.) ``safeguard_history`` extends the check to the earlier edits of a
+sequential run: a batch whose refined write leaves fewer earlier edits preferring their new
+object than before is compared with the plain write from the same state, and the write with
+more successes over all edits so far is kept.
 
 Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
 ``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same times ``1 − g_ii``,
@@ -154,6 +157,16 @@ def _rewrite_margin(editor, reqs) -> torch.Tensor:
     return lp_new - torch.nan_to_num(lp_true, nan=0.0)
 
 
+def _at_margin(editor, reqs, margin: float, timing: dict) -> int:
+    """How many of ``reqs`` have ``log P(new) − log P(true) ≥ margin`` on their own rewrite prompt."""
+    if not reqs:
+        return 0
+    t0 = time.perf_counter()
+    n = int((_rewrite_margin(editor, reqs) >= margin).sum())
+    timing["targets"] += time.perf_counter() - t0
+    return n
+
+
 def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: torch.Tensor, timing: dict):
     """Write the refined targets; give the plain target to requests whose refined write failed.
 
@@ -164,17 +177,27 @@ def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: tor
     Otherwise the batch is written once more from the same state with the plain target
     ``Z_base`` for the failed requests, and that write is kept unless it leaves fewer of
     the batch's rewrite prompts at or above the margin than the refined write did.
-    Returns the (u,) bool mask of the requests that got their plain target.
+
+    With ``hparams.safeguard_history`` the earlier edits (``editor.history``) are scored on
+    their rewrite prompts before and after. If the write kept above leaves fewer of them at
+    the margin than before, the batch is also written with the plain targets alone (the
+    base solver's own write from the same state), and the write with more rewrite prompts at
+    the margin over the earlier edits and this batch together is kept (the refined one on a
+    tie). Returns the (u,) bool mask of the requests that got their plain target.
     """
-    margin = editor.hparams.safeguard_margin
+    hp = editor.hparams
+    margin = hp.safeguard_margin
+    prev = list(editor.history) if hp.safeguard_history else []
     snap = editor._snapshot()
+    n_prev_before = _at_margin(editor, prev, margin, timing)
     editor._write(reqs, templates, Z_meta, timing)
     t0 = time.perf_counter()
     m_meta = _rewrite_margin(editor, reqs)
     timing["targets"] += time.perf_counter() - t0
     failed = m_meta < margin
-    info = {"margin_meta": m_meta, "margin_mixed": None, "failed": failed}
+    info = {"margin_meta": m_meta, "margin_mixed": None, "failed": failed, "history": None}
     fallback = torch.zeros_like(failed)
+    n_own = int((m_meta >= margin).sum())
     if bool(failed.any()):
         snap_meta = editor._snapshot()
         editor._rollback(snap)
@@ -184,10 +207,29 @@ def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: tor
         m_mixed = _rewrite_margin(editor, reqs)
         timing["targets"] += time.perf_counter() - t0
         info["margin_mixed"] = m_mixed
-        if int((m_mixed >= margin).sum()) >= int((m_meta >= margin).sum()):
+        if int((m_mixed >= margin).sum()) >= n_own:
             fallback = failed
+            n_own = int((m_mixed >= margin).sum())
         else:
             editor._rollback(snap_meta)  # the plain targets did not help: back to the refined write
+        del snap_meta
+    if prev:
+        n_prev = _at_margin(editor, prev, margin, timing)
+        hist = {"before": n_prev_before, "kept": n_prev, "plain": None, "plain_own": None, "chose_plain": False}
+        if n_prev < n_prev_before and not bool(fallback.all()):
+            snap_kept = editor._snapshot()
+            editor._rollback(snap)
+            editor._write(reqs, templates, Z_base, timing)
+            n_plain_own = _at_margin(editor, reqs, margin, timing)
+            n_plain = _at_margin(editor, prev, margin, timing)
+            hist.update(plain=n_plain, plain_own=n_plain_own)
+            if n_plain + n_plain_own > n_prev + n_own:
+                fallback = torch.ones_like(failed)
+                hist["chose_plain"] = True
+            else:
+                editor._rollback(snap_kept)
+            del snap_kept
+        info["history"] = hist
     info["fallback"] = fallback
     editor.last_safeguard = info
     return fallback

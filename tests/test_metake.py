@@ -245,3 +245,112 @@ def test_interrupt_during_safeguard_rewrite_rolls_back_the_batch(setup, monkeypa
     for layer, w in before.items():
         assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), w)
     assert ed.history == []
+
+
+REQS2 = [
+    EditRequest("The city of {} is in", s, t, "France")
+    for s, t in [("Lille", "Madrid"), ("Metz", "Oslo"), ("Caen", "Cairo")]
+]
+
+
+def _history_margin_spy(monkeypatch, sabotage_calls):
+    """Wrap ``_rewrite_margin``; calls on the earlier batch (REQS) are numbered from 0 and those
+    listed in ``sabotage_calls`` return ``margin − 1e3`` (every earlier edit "broken")."""
+    import metake_fast.metake as mk
+
+    real = mk._rewrite_margin
+    hist_calls = []
+
+    def spy(editor, reqs):
+        m = real(editor, reqs)
+        if reqs and [r.subject for r in reqs] == [r.subject for r in REQS]:
+            hist_calls.append(len(hist_calls))
+            if hist_calls[-1] in sabotage_calls:
+                return m - 1e3
+        return m
+
+    monkeypatch.setattr(mk, "_rewrite_margin", spy)
+    return hist_calls
+
+
+def _two_batches(model, tok, monkeypatch, sabotage_calls, **extra):
+    """REQS then REQS2 with the history safeguard; returns (editor, weights, plain Z, refined Z of batch 2)."""
+    import metake_fast.metake as mk
+
+    real_refine = mk.refine_targets
+    seen = {}
+
+    def spy(editor, reqs, templates, tres, timing):
+        Z = real_refine(editor, reqs, templates, tres, timing)
+        seen["base"], seen["meta"] = (tres.h + tres.delta).T.clone(), Z.clone()
+        return Z
+
+    monkeypatch.setattr(mk, "refine_targets", spy)
+    kw = dict(L2=0.5, nullspace_threshold=1e-3, safeguard_margin=-100.0, safeguard_history=True, **extra)
+    ed = _editor(model, tok, **kw)
+    ed.edit(REQS)
+    writes = []
+    real_write = ed._write
+
+    def write(*args, **kwargs):
+        writes.append(1)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ed, "_write", write)
+    hist_calls = _history_margin_spy(monkeypatch, sabotage_calls)
+    rep = ed.edit(REQS2)
+    W = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    return ed, rep, W, seen, writes, hist_calls
+
+
+def _written_directly(model, tok, Z2):
+    """Oracle: batch 1 edited as above (safeguard without history), then ``Z2`` written directly."""
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, safeguard_margin=-100.0)
+    ed.edit(REQS)
+    ed._write(REQS2, ed._templates(), Z2, {"keys": 0.0, "solve": 0.0, "apply": 0.0})
+    W = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    ed.restore()
+    return W
+
+
+def test_history_safeguard_keeps_refined_write_when_no_earlier_edit_breaks(setup, monkeypatch):
+    """Every earlier edit still at the margin after the refined write: one write, no plain write."""
+    model, tok = setup
+    ed, rep, W, seen, writes, hist_calls = _two_batches(model, tok, monkeypatch, sabotage_calls=())
+    hist = ed.last_safeguard["history"]
+    ed.restore()
+    assert len(writes) == 1 and len(hist_calls) == 2  # scored before and after the one write
+    assert hist["before"] == hist["kept"] == 3 and hist["plain"] is None
+    assert not any(r.fallback for r in rep.requests)
+    W_meta = _written_directly(model, tok, seen["meta"])
+    for layer in W:
+        assert torch.equal(W[layer], W_meta[layer])
+
+
+def test_history_safeguard_takes_plain_write_when_refined_breaks_earlier_edits(setup, monkeypatch):
+    """The refined write "breaks" every earlier edit (scores after it sabotaged), the plain write
+    does not: the batch ends with exactly the plain targets' write from the same state."""
+    model, tok = setup
+    ed, rep, W, seen, writes, hist_calls = _two_batches(model, tok, monkeypatch, sabotage_calls=(1,))
+    hist = ed.last_safeguard["history"]
+    ed.restore()
+    assert len(writes) == 2 and len(hist_calls) == 3
+    assert hist == {"before": 3, "kept": 0, "plain": 3, "plain_own": 3, "chose_plain": True}
+    assert all(r.fallback for r in rep.requests)
+    assert not torch.equal(seen["base"], seen["meta"])
+    W_plain = _written_directly(model, tok, seen["base"])
+    for layer in W:
+        assert torch.equal(W[layer], W_plain[layer])
+
+
+def test_history_safeguard_restores_refined_write_on_a_tie(setup, monkeypatch):
+    """Both writes "break" every earlier edit: the refined write is restored bit for bit."""
+    model, tok = setup
+    ed, rep, W, seen, writes, hist_calls = _two_batches(model, tok, monkeypatch, sabotage_calls=(1, 2))
+    hist = ed.last_safeguard["history"]
+    ed.restore()
+    assert len(writes) == 2 and hist["chose_plain"] is False and hist["plain"] == 0
+    assert not any(r.fallback for r in rep.requests)
+    W_meta = _written_directly(model, tok, seen["meta"])
+    for layer in W:
+        assert torch.equal(W[layer], W_meta[layer])
