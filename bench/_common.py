@@ -159,3 +159,23 @@ def parse_dtypes(arg: str | None, default: list[torch.dtype]) -> list[torch.dtyp
     if not arg:
         return default
     return [getattr(torch, s.strip()) for s in arg.split(",") if s.strip()]
+
+
+def target_step_setup(description: str, n_help: str = "requests"):
+    """Arguments and inputs shared by the target-step benchmarks: ``--n`` CounterFact requests on
+    ``--model`` with the last edited layer ``--layer`` and the shipped 5 context templates.
+    Returns ``(args, dev, model, tok, adapter, reqs, templates)``."""
+    from metake_fast.context import context_templates
+    from metake_fast.datasets import load_requests
+    from metake_fast.models import get_adapter, load_model
+
+    p = parser(description)
+    p.add_argument("--n", type=int, default=16, help=n_help)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layer", type=int, default=8, help="the last edited layer L")
+    args = p.parse_args()
+    dev = device()
+    model, tok = load_model(args.model, device=dev)
+    adapter = get_adapter(model)
+    reqs = load_requests("counterfact", args.n)
+    return args, dev, model, tok, adapter, reqs, context_templates(model, tok, 5, 10)

@@ -21,25 +21,13 @@ from __future__ import annotations
 import _common as C  # noqa: I001
 import torch
 
-from metake_fast.context import context_templates
-from metake_fast.datasets import load_requests
-from metake_fast.models import get_adapter, load_model
 from metake_fast.targets import ChunkProblem
 
 OP = "target_step"
 
 
 def main() -> None:
-    p = C.parser(__doc__)
-    p.add_argument("--n", type=int, default=16, help="requests in the chunk")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--layer", type=int, default=8, help="the last edited layer L")
-    args = p.parse_args()
-    dev = C.device()
-    model, tok = load_model(args.model, device=dev)
-    adapter = get_adapter(model)
-    reqs = load_requests("counterfact", args.n)
-    tpl = context_templates(model, tok, 5, 10)
+    args, dev, model, tok, adapter, reqs, tpl = C.target_step_setup(__doc__, "requests in the chunk")
     variants = {
         "full sequences": dict(prefix_cache=False, skip_lower=False),
         "prefix cache": dict(prefix_cache=True, skip_lower=False),

@@ -29,23 +29,11 @@ import os
 import _common as C  # noqa: I001
 from reference_flow import _RequestPrompts
 
-from metake_fast.context import context_templates
-from metake_fast.datasets import load_requests
-from metake_fast.models import get_adapter, load_model
 from metake_fast.targets import ChunkProblem
 
 
 def main() -> None:
-    p = C.parser(__doc__)
-    p.add_argument("--n", type=int, default=16, help="requests")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--layer", type=int, default=8, help="the last edited layer L")
-    args = p.parse_args()
-    dev = C.device()
-    model, tok = load_model(args.model, device=dev)
-    adapter = get_adapter(model)
-    reqs = load_requests("counterfact", args.n)
-    tpl = context_templates(model, tok, 5, 10)
+    args, dev, model, tok, adapter, reqs, tpl = C.target_step_setup(__doc__)
     layers = list(adapter.decoder_layers(model))
     per_layer = [sum(p.numel() for n, p in lyr.named_parameters() if p.dim() == 2) for lyr in layers]
     p_all, p_above = sum(per_layer), sum(per_layer[args.layer + 1 :])
