@@ -110,7 +110,8 @@ class MetaKEHParams(AlphaEditHParams):
     safeguard_history: with the safeguard, also score the earlier edits' rewrite prompts before
         and after the write; if fewer prefer their new object afterwards, compare with the plain
         targets' write from the same state and keep the write with more successes over all edits
-        so far (the refined one on a tie).
+        so far (the refined one on a tie). ``safeguard_history_max`` caps the earlier edits scored
+        (evenly spaced; 0 = all): each check costs two scoring passes over them.
     """
 
     outer_steps: int = 10
@@ -126,6 +127,7 @@ class MetaKEHParams(AlphaEditHParams):
     safeguard: bool = True
     safeguard_margin: float = 0.0
     safeguard_history: bool = False
+    safeguard_history_max: int = 1000
     method = "metake"
 
 
@@ -192,6 +194,7 @@ _NONNEG = {
     "context_template_count",
     "context_template_length",
     "outer_steps",
+    "safeguard_history_max",
     "gamma",
 }
 

@@ -167,6 +167,14 @@ def _at_margin(editor, reqs, margin: float, timing: dict) -> int:
     return n
 
 
+def _history_sample(history: list, limit: int) -> list:
+    """The earlier edits the history safeguard scores: all of them, or ``limit`` evenly spaced ones."""
+    n = len(history)
+    if limit <= 0 or n <= limit:
+        return list(history)
+    return [history[(i * n) // limit] for i in range(limit)]
+
+
 def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: torch.Tensor, timing: dict):
     """Write the refined targets; give the plain target to requests whose refined write failed.
 
@@ -178,8 +186,9 @@ def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: tor
     ``Z_base`` for the failed requests, and that write is kept unless it leaves fewer of
     the batch's rewrite prompts at or above the margin than the refined write did.
 
-    With ``hparams.safeguard_history`` the earlier edits (``editor.history``) are scored on
-    their rewrite prompts before and after. If the write kept above leaves fewer of them at
+    With ``hparams.safeguard_history`` the earlier edits (``editor.history``; at most
+    ``safeguard_history_max`` of them, evenly spaced) are scored on their rewrite prompts
+    before and after. If the write kept above leaves fewer of them at
     the margin than before, the batch is also written with the plain targets alone (the
     base solver's own write from the same state), and the write with more rewrite prompts at
     the margin over the earlier edits and this batch together is kept (the refined one on a
@@ -187,7 +196,7 @@ def safeguarded_write(editor, reqs, templates, Z_base: torch.Tensor, Z_meta: tor
     """
     hp = editor.hparams
     margin = hp.safeguard_margin
-    prev = list(editor.history) if hp.safeguard_history else []
+    prev = _history_sample(editor.history, hp.safeguard_history_max) if hp.safeguard_history else []
     snap = editor._snapshot()
     n_prev_before = _at_margin(editor, prev, margin, timing)
     editor._write(reqs, templates, Z_meta, timing)

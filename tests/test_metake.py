@@ -354,3 +354,16 @@ def test_history_safeguard_restores_refined_write_on_a_tie(setup, monkeypatch):
     W_meta = _written_directly(model, tok, seen["meta"])
     for layer in W:
         assert torch.equal(W[layer], W_meta[layer])
+
+
+def test_history_sample_is_all_or_evenly_spaced():
+    from metake_fast.hparams import HParamsError, make_hparams
+    from metake_fast.metake import _history_sample
+
+    hist = list(range(10))
+    assert _history_sample(hist, 0) == hist and _history_sample(hist, 10) == hist and _history_sample(hist, 50) == hist
+    assert _history_sample(hist, 5) == [0, 2, 4, 6, 8]
+    assert _history_sample(hist, 3) == [0, 3, 6]
+    assert _history_sample([], 4) == []
+    with pytest.raises(HParamsError):
+        make_hparams("metake", {"safeguard_history_max": -1})
