@@ -67,7 +67,7 @@ def load_checkpoint(editor, path: str | os.PathLike) -> dict[str, Any]:
     """
     from safetensors.torch import load
 
-    from .hparams import to_dict
+    from .hparams import same_hparams
     from .requests import EditRequest
 
     src = str(path)
@@ -93,7 +93,7 @@ def load_checkpoint(editor, path: str | os.PathLike) -> dict[str, Any]:
         )
     if meta.get("method") != editor.method:
         raise CheckpointError(f"{src}: checkpoint was made with {meta.get('method')}, this editor uses {editor.method}")
-    if json.loads(meta.get("hparams", "null")) != json.loads(json.dumps(to_dict(editor.hparams), sort_keys=True)):
+    if not same_hparams(json.loads(meta.get("hparams", "null")), editor.hparams):
         raise CheckpointError(f"{src}: checkpoint hyperparameters differ from this editor's")
     try:
         requests = [EditRequest.from_dict(r, index=i) for i, r in enumerate(json.loads(meta["requests"]))]

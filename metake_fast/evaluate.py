@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from .datasets import DatasetError, EvalCase, detect_format, load_dataset, read_records
+from .hparams import same_hparams
 from .models import ensure_writable_dir, get_adapter
 from .runner import encode, encode_target, final_hidden, full_logprobs, make_batch, model_device, pad_id
 from .scoring import score_objects
@@ -421,6 +422,16 @@ def _positive(name: str, v) -> int:
     return v
 
 
+def _same_config(saved, run_config: dict, hp) -> bool:
+    """Whether a stored run configuration is this run's: the same settings, and hyperparameters
+    equal up to fields added since with their default values (:func:`same_hparams`)."""
+    if not isinstance(saved, dict) or saved.keys() != run_config.keys():
+        return False
+    if any(saved[k] != v for k, v in run_config.items() if k != "hparams"):
+        return False
+    return same_hparams(saved.get("hparams"), hp)
+
+
 def _checkpoint_config(path: Path):
     """The run settings stored in an evaluation checkpoint's metadata (None if unreadable)."""
     try:
@@ -558,10 +569,10 @@ def run_evaluation(
     state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
     if state_path is not None and state_path.exists():  # refuse another run's state before the slow pre-eval
         saved_config = _checkpoint_config(state_path)
-        if saved_config is not None and saved_config != run_config:
+        if saved_config is not None and not _same_config(saved_config, run_config, editor.hparams):
             raise EvaluationError(f"checkpoint {state_path} belongs to another run (settings differ); remove it")
     pre_saved = _read_json(ckpt_dir / "pre.json") if ckpt_dir is not None else None
-    if pre_saved is not None and pre_saved.get("config") == run_config:
+    if pre_saved is not None and _same_config(pre_saved.get("config"), run_config, editor.hparams):
         log.info("pre-edit evaluation taken from the checkpoint in %s", ckpt_dir)
         metrics_pre, rec_pre, eval_pre_s = pre_saved["metrics_pre"], pre_saved["records"], pre_saved["eval_pre_s"]
     else:
@@ -591,7 +602,7 @@ def run_evaluation(
     done, edit_s_before, progress_lines, sessions = 0, 0.0, [], []
     if state_path is not None and state_path.exists():
         extra = load_checkpoint(editor, state_path)
-        if extra.get("config") != run_config:
+        if not _same_config(extra.get("config"), run_config, editor.hparams):
             raise EvaluationError(f"checkpoint {state_path} belongs to another run (settings differ); remove it")
         done, edit_s_before = int(extra["edits_done"]), float(extra["edit_s"])
         report.requests = [RequestReport(**r) for r in extra["requests"]]

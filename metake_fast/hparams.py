@@ -15,6 +15,7 @@ five consecutive layers ending at ~27% of the depth (Llama-3-8B: 4-8, GPT-J
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -334,6 +335,24 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise HParamsError(f"hparams file {p} must hold a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def same_hparams(stored: dict | None, hp: EditHParams) -> bool:
+    """Whether hyperparameters saved earlier (``to_dict`` output, as stored in a checkpoint)
+    describe the same run as ``hp``. Every stored field must be equal; a field that ``hp`` has
+    and the stored dict lacks (added by a later version) must hold its default, which is the
+    behaviour the run had before the field existed."""
+    if not isinstance(stored, dict):
+        return False
+    cur = json.loads(json.dumps(to_dict(hp), sort_keys=True))
+    stored = json.loads(json.dumps(stored, sort_keys=True))
+    if any(k not in cur or cur[k] != v for k, v in stored.items()):
+        return False
+    defaults = {f.name: f.default for f in fields(type(hp)) if f.default is not dataclasses.MISSING}
+    for k in cur.keys() - stored.keys():
+        if k not in defaults or json.loads(json.dumps(defaults[k])) != cur[k]:
+            return False
+    return True
 
 
 def to_dict(hp: EditHParams) -> dict:

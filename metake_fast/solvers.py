@@ -362,6 +362,22 @@ class NullSpaceSolver(_LayerSolver):
         X, G = _woodbury_core(self.L_A, Kt, 1.0, self.layer)
         return _out(self.U0 @ X, self.out_dtype), _out(G, self.out_dtype)
 
+    def history_gram(self, K: torch.Tensor) -> torch.Tensor:
+        """``H_p = Yᵀ K_p K_pᵀ Y`` (u, u) in the solve dtype, for ``Y`` of :meth:`solve` on keys ``K``.
+
+        ``‖ΔW K_p‖²_F = tr(R H_p Rᵀ)`` (``ΔW = R Yᵀ``) is how far a write of residuals ``R``
+        moves the outputs on the keys of every earlier edit. The keys are not stored:
+        ``U0ᵀK_pK_pᵀU0 = A − λI`` with ``A = L_A L_Aᵀ``, so ``H_p = (L_AᵀX)ᵀ(L_AᵀX) − λXᵀX``,
+        ``X = U0ᵀY``.
+        """
+        K = self._keys(K)
+        u = K.shape[1]
+        if u == 0 or self.rank == 0:
+            return K.new_zeros(u, u)
+        X, _ = _woodbury_core(self.L_A, self.U0.T @ K, 1.0, self.layer)
+        T = self.L_A.T @ X
+        return T.T @ T - self.lam * (X.T @ X)
+
     def add_history(self, K: torch.Tensor) -> None:
         """``A ← A + K̃K̃ᵀ`` (K̃ = U0ᵀK, K: (d_k, u) keys of a finished batch) by a rank-u update."""
         K = self._keys(K)

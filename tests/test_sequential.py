@@ -122,3 +122,50 @@ def test_bias_and_softcap_architectures_edit_end_to_end(tmp_path, arch):
     assert all(torch.isfinite(after[layer]).all() and not torch.equal(after[layer], before[layer]) for layer in after)
     ed.restore()
     assert all(torch.equal(_edited(ed)[layer], before[layer]) for layer in before)
+
+
+def test_same_hparams_accepts_fields_added_later_only_at_their_default():
+    from metake_fast.hparams import make_hparams, same_hparams, to_dict
+
+    hp = make_hparams("metake", {"outer_steps": 4})
+    stored = to_dict(hp)
+    assert same_hparams(stored, hp)
+    older = {k: v for k, v in stored.items() if k not in ("safeguard_history", "safeguard_history_max")}
+    assert same_hparams(older, hp)  # a checkpoint written before those fields existed
+    assert not same_hparams(older, make_hparams("metake", {"outer_steps": 4, "safeguard_history": True}))
+    assert not same_hparams({**stored, "outer_steps": 5}, hp)
+    assert not same_hparams({**stored, "no_such_field": 1}, hp)
+    assert not same_hparams({k: v for k, v in stored.items() if k != "layers"}, hp)  # no default: must be stored
+    assert not same_hparams(None, hp)
+
+
+def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
+    """A checkpoint whose stored hyperparameters lack a field added later (at its default) loads;
+    one that then differs from this editor's value of that field is refused."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from metake_fast.checkpoint import CheckpointError
+
+    ed = _editor(tmp_path, "alphaedit")
+    ed.edit(REQS[:2], batch_size=2, score=False)
+    path = tmp_path / "state.safetensors"
+    ed.save_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    hp = json.loads(meta["hparams"])
+    del hp["v_weight_decay"]  # as if the field had been added after the checkpoint was written
+    meta["hparams"] = json.dumps(hp, sort_keys=True)
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata=meta)
+    want = _edited(ed)
+    fresh = _editor(tmp_path, "alphaedit")
+    assert fresh.hparams.v_weight_decay == type(fresh.hparams)().v_weight_decay  # at its default
+    fresh.load_checkpoint(old)
+    assert all(torch.equal(_edited(fresh)[layer], want[layer]) for layer in want)
+    other = Editor(tiny_model("llama", layers=4, seed=0), tiny_tokenizer(), "alphaedit",
+                   {**HP, "v_weight_decay": 0.123}, cache=tmp_path, progress=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="hyperparameters"):
+        other.load_checkpoint(old)

@@ -284,3 +284,28 @@ def test_alphaedit_float32_solve_close_to_float64():
     assert Y64.dtype == Y32.dtype == torch.float32 and s32.L_A.dtype == torch.float32
     torch.testing.assert_close(Y32, Y64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(G32, G64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_batches", [0, 1, 3])
+def test_history_gram_is_the_disturbance_of_earlier_keys(n_batches):
+    """Oracle: with the earlier keys K_p kept explicitly, ‖ΔW K_p‖²_F = tr(R H_p Rᵀ) for ΔW = R Yᵀ,
+    and H_p = Yᵀ K_p K_pᵀ Y entrywise (zero without history)."""
+    d_k, d_v, u = 24, 7, 5
+    C = _second_moment(d_k, 200, 40, low_rank=14)
+    ns = NullSpaceSolver(C, threshold=0.05, lam=3.0, dtype=F64, out_dtype=None)
+    assert ns.rank > 0
+    Kp = torch.zeros(d_k, 0, dtype=F64)
+    for b in range(n_batches):
+        Kb = _keys(d_k, 6, 41 + b)
+        ns.add_history(Kb)
+        Kp = torch.cat([Kp, Kb], 1)
+    K = _keys(d_k, u, 50)
+    Y, _ = ns.solve(K)
+    Hp = ns.history_gram(K)
+    want = Y.T @ Kp @ Kp.T @ Y
+    torch.testing.assert_close(Hp, want, rtol=1e-9, atol=1e-10 * max(1.0, float(want.abs().max())))
+    R = torch.randn(d_v, u, generator=_gen(51), dtype=F64)
+    dW = R @ Y.T
+    torch.testing.assert_close(torch.trace(R @ Hp @ R.T), (dW @ Kp).pow(2).sum(), rtol=1e-9, atol=1e-10)
+    if n_batches == 0:
+        assert float(Hp.abs().max()) < 1e-10
