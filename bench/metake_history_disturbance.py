@@ -19,6 +19,7 @@ import argparse
 import json
 import time
 
+import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import torch
 
 from metake_fast.datasets import load_requests
