@@ -367,3 +367,30 @@ def test_history_sample_is_all_or_evenly_spaced():
     assert _history_sample([], 4) == []
     with pytest.raises(HParamsError):
         make_hparams("metake", {"safeguard_history_max": -1})
+
+
+def test_interrupt_during_history_plain_write_restores_the_batch(setup, monkeypatch):
+    """An interrupt in the history safeguard's plain write puts the weights back to where the
+    batch started (after the first batch), and the first batch stays recorded."""
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, safeguard_margin=-100.0, safeguard_history=True)
+    ed.edit(REQS)
+    after_first = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    _history_margin_spy(monkeypatch, sabotage_calls=(1,))  # the refined write "breaks" every earlier edit
+    real_write = ed._write
+    calls = []
+
+    def write(*args, **kwargs):
+        calls.append(1)
+        real_write(*args, **kwargs)
+        if len(calls) == 2:  # the plain write is in the weights when the interrupt comes
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ed, "_write", write)
+    with pytest.raises(KeyboardInterrupt):
+        ed.edit(REQS2)
+    assert len(calls) == 2
+    for layer, w in after_first.items():
+        assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), w)
+    assert [r.subject for r in ed.history] == [r.subject for r in REQS]
+    ed.restore()
