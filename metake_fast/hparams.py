@@ -108,6 +108,10 @@ class MetaKEHParams(AlphaEditHParams):
         it leaves fewer rewrite prompts at the margin (see
         :func:`metake_fast.metake.safeguarded_write`). ``safeguard: false`` gives the adopted
         formulation exactly.
+    history_weight: η of an extra term ``η·tr(Rᵀ H_p R)/mean‖h‖²`` in the outer objective, the
+        squared disturbance ``‖ΔW K_p‖²`` the last layer's write would cause on the keys of every
+        earlier edit (exact for the AlphaEdit solver, :meth:`NullSpaceSolver.history_gram`);
+        0 (default) leaves F as in METHOD.md. Needs ``base_solver: alphaedit``.
     safeguard_history: with the safeguard, also score the earlier edits' rewrite prompts before
         and after the write; if fewer prefer their new object afterwards, compare with the plain
         targets' write from the same state and keep the write with more successes over all edits
@@ -127,6 +131,7 @@ class MetaKEHParams(AlphaEditHParams):
     mom2_update_weight: float = 15000.0
     safeguard: bool = True
     safeguard_margin: float = 0.0
+    history_weight: float = 0.0
     safeguard_history: bool = False
     safeguard_history_max: int = 1000
     method = "metake"
@@ -196,6 +201,7 @@ _NONNEG = {
     "context_template_length",
     "outer_steps",
     "safeguard_history_max",
+    "history_weight",
     "gamma",
 }
 
@@ -283,6 +289,8 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
         bad = [layer for layer in hp.layers if not 0 <= layer < num_layers]
         if bad:
             raise HParamsError(f"hparams field 'layers': {bad} out of range for a model with {num_layers} layers")
+    if getattr(hp, "history_weight", 0.0) > 0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
+        raise HParamsError("hparams field 'history_weight' needs base_solver 'alphaedit' (MEMIT keeps no history)")
     if hp.method == "rome" and len(hp.layers) > 1:
         raise HParamsError(f"ROME edits one layer; got layers {hp.layers}")
     return hp

@@ -27,6 +27,12 @@ sequential run: a batch whose refined write leaves fewer earlier edits preferrin
 object than before is compared with the plain write from the same state, and the write with
 more successes over all edits so far is kept.
 
+Optional (``history_weight`` η > 0; not in METHOD.md): the outer objective also pays
+``η·tr(Rᵀ H_p R)/mean‖h‖²``, the squared disturbance the last layer's write would cause on
+the keys of every earlier edit of a sequential run, in closed form from AlphaEdit's factor
+(:meth:`~metake_fast.solvers.NullSpaceSolver.history_gram`); F as written optimises the
+current batch only, and its larger residuals were measured to disturb earlier edits more.
+
 Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
 ``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same times ``1 − g_ii``,
 so the penalty is strongest where the solver truncates most and a large
@@ -69,6 +75,7 @@ def structural_gate(editor, reqs, templates) -> torch.Tensor:
     for layer in layers:
         K, _ = keys_and_residual(editor.model, editor.tok, editor.adapter, reqs, layer, None, templates)
         gates.append(solver_gate(editor._solvers[layer], K).cpu())
+    editor.last_gate_keys = K  # the last edited layer's keys (history term)
     u = gates[0].shape[0]
     eye = torch.eye(u)
     if hp.gate_layers == "last":
@@ -120,6 +127,10 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
     h_norm = tres.h.norm(dim=1).to(dev)
     max_norm = hp.outer_clamp_norm_factor * h_norm
+    Hp = None
+    if hp.history_weight > 0:  # η·tr(Rᵀ H_p R)/mean‖h‖²: disturbance of the earlier edits' keys at L
+        Hp = editor._solvers[L].history_gram(editor.last_gate_keys).to(device=dev, dtype=R.dtype)
+        Hp = hp.history_weight * Hp / h_norm.pow(2).mean()
     opt = MaskedAdam(R, hp.outer_lr)
     active = torch.ones(u, dtype=torch.bool, device=dev)
     bar = tqdm(total=hp.outer_steps, desc="metake outer", disable=not editor.progress, leave=False)
@@ -141,6 +152,8 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
         if not bool(active.any()):
             break
         reg = hp.gamma * _omega(Rg, h_norm, gdiag, hp.omega)[active].sum()
+        if Hp is not None:
+            reg = reg + (Rg * (Hp @ Rg)).sum()
         (g_reg,) = torch.autograd.grad(reg, Rg)
         grad = g_proxy + g_reg  # structural gradient proxy + regulariser
         opt.step(grad, active)
