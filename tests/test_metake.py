@@ -228,23 +228,29 @@ def test_interrupt_during_safeguard_rewrite_rolls_back_the_batch(setup, monkeypa
     model, tok = setup
     _sabotage(monkeypatch, (1.0, -30.0, 30.0), {})  # requests 1 and 2 fail: a second write follows
     ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3)
-    before = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    _interrupt_second_write_and_check_restore(ed, monkeypatch, REQS)  # the mixed write
+    assert ed.history == []
+
+
+def _interrupt_second_write_and_check_restore(ed, monkeypatch, reqs):
+    """Edit ``reqs`` with a KeyboardInterrupt right after the batch's second write (its result is
+    in the weights then); the weights must be back where the batch started."""
+    before = {layer: ed.adapter.edit_weight(ed.model, layer).detach().clone() for layer in ed.layers}
     real_write = ed._write
     calls = []
 
     def write(*args, **kwargs):
         calls.append(1)
         real_write(*args, **kwargs)
-        if len(calls) == 2:  # the mixed write is in the weights when the interrupt comes
+        if len(calls) == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ed, "_write", write)
     with pytest.raises(KeyboardInterrupt):
-        ed.edit(REQS)
+        ed.edit(reqs)
     assert len(calls) == 2
     for layer, w in before.items():
-        assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), w)
-    assert ed.history == []
+        assert torch.equal(ed.adapter.edit_weight(ed.model, layer).detach(), w)
 
 
 REQS2 = [
@@ -375,23 +381,8 @@ def test_interrupt_during_history_plain_write_restores_the_batch(setup, monkeypa
     model, tok = setup
     ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, safeguard_margin=-100.0, safeguard_history=True)
     ed.edit(REQS)
-    after_first = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
     _history_margin_spy(monkeypatch, sabotage_calls=(1,))  # the refined write "breaks" every earlier edit
-    real_write = ed._write
-    calls = []
-
-    def write(*args, **kwargs):
-        calls.append(1)
-        real_write(*args, **kwargs)
-        if len(calls) == 2:  # the plain write is in the weights when the interrupt comes
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ed, "_write", write)
-    with pytest.raises(KeyboardInterrupt):
-        ed.edit(REQS2)
-    assert len(calls) == 2
-    for layer, w in after_first.items():
-        assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), w)
+    _interrupt_second_write_and_check_restore(ed, monkeypatch, REQS2)  # the plain write
     assert [r.subject for r in ed.history] == [r.subject for r in REQS]
     ed.restore()
 
