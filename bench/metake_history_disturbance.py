@@ -24,7 +24,6 @@ import torch
 
 from metake_fast.datasets import load_requests
 from metake_fast.editor import Editor
-from metake_fast.keys import keys_and_residual
 from metake_fast.metake import refine_targets
 from metake_fast.targets import optimize_targets
 
@@ -45,9 +44,11 @@ def main() -> None:
     t0 = time.perf_counter()
     tres = optimize_targets(ed.model, ed.tok, ed.adapter, reqs, L, tpl, ed._target_config(), progress=False)
     Z_meta = refine_targets(ed, reqs, tpl, tres, {"targets": 0.0, "keys": 0.0, "solve": 0.0, "apply": 0.0})
-    K, _ = keys_and_residual(ed.model, ed.tok, ed.adapter, reqs, L, None, tpl)
+    # the last-layer keys and gate the outer loop already computed (structural_gate)
+    K, hp = ed.last_gate_keys, ed.hparams
     Hp = ed._solvers[L].history_gram(K).double()
-    G = ed._solvers[L].solve(K)[1].double()
+    last_full = hp.gate_layers == "last" and hp.gate == "full"
+    G = (ed.last_gate if last_full else ed._solvers[L].solve(K)[1]).double()
     R = {"plain": tres.delta.double(), "metake": Z_meta.T.double() - tres.h.double()}
     out = {"history": ed._solvers[L].n_history, "requests": len(reqs), "seconds": time.perf_counter() - t0}
     for k, r in R.items():
