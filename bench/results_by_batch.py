@@ -1,0 +1,104 @@
+"""Per-batch breakdown of sequential ``metake-fast evaluate`` runs, from their records.
+
+Each edit's final metrics (measured after the last batch) are grouped by the batch that
+wrote it, so one sees where a method loses: early edits that went through many later
+writes, or everywhere.
+
+    python bench/results_by_batch.py docs/results/cf_n1000_b100_alphaedit.json \
+        docs/results/cf_n1000_b100_metake.json [--out by_batch.json]
+
+Prints one markdown table (rows per run: failed rewrites, generalization, specificity
+and, for MetaKE, the requests that got their plain target) and optionally writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _records_path(results_path: str, res: dict) -> str:
+    rec = res.get("records")
+    if not rec:
+        raise ValueError(f"{results_path}: no 'records' entry (run evaluate without --no-records)")
+    if os.path.exists(rec):
+        return rec
+    local = os.path.join(os.path.dirname(results_path), os.path.basename(rec))
+    if os.path.exists(local):
+        return local
+    raise ValueError(f"{results_path}: records file {rec!r} not found (nor next to the results file)")
+
+
+def by_batch(results_path: str) -> dict:
+    """Per-batch sums of one run: ``{"label", "batch_size", "batches": [{...}, ...], "overall"}``."""
+    with open(results_path) as f:
+        res = json.load(f)
+    bsz = int(res["batch_size"])
+    rows: dict[int, dict] = {}
+    with open(_records_path(results_path, res)) as f:
+        for line in f:
+            r = json.loads(line)
+            b = int(r["index"]) // bsz
+            row = rows.setdefault(b, {"n": 0, "failed": 0.0, "generalization": 0.0, "specificity": 0.0, "plain": 0})
+            post = r["post"]
+            row["n"] += 1
+            row["failed"] += 1.0 - post["efficacy"]
+            row["generalization"] += post["generalization"]
+            row["specificity"] += post["specificity"]
+            row["plain"] += int(bool((r.get("edit") or {}).get("fallback")))
+    batches = []
+    for b in sorted(rows):
+        row = rows[b]
+        n = row["n"]
+        batches.append({
+            "batch": b + 1,
+            "n": n,
+            "failed_rewrites": row["failed"],
+            "generalization": 100.0 * row["generalization"] / n,
+            "specificity": 100.0 * row["specificity"] / n,
+            "plain_targets": row["plain"],
+        })  # fmt: skip
+    label = res["method"] + (f" ({res['commit']})" if res.get("commit") else "")
+    return {"label": label, "results": results_path, "batch_size": bsz, "batches": batches,
+            "overall": res["metrics_post"]}  # fmt: skip
+
+
+def table(runs: list[dict]) -> str:
+    nb = max(len(r["batches"]) for r in runs)
+    head = "| batch | " + " | ".join(str(i + 1) for i in range(nb)) + " |"
+    lines = [head, "|" + "---|" * (nb + 1)]
+
+    def row(name, key, fmt):
+        for r in runs:
+            vals = [fmt(b[key]) for b in r["batches"]] + [""] * (nb - len(r["batches"]))
+            lines.append(f"| {name}, {r['label']} | " + " | ".join(vals) + " |")
+
+    row("failed rewrites", "failed_rewrites", lambda x: f"{x:g}")
+    row("generalization", "generalization", lambda x: f"{x:.0f}")
+    row("specificity", "specificity", lambda x: f"{x:.0f}")
+    if any(b["plain_targets"] for r in runs for b in r["batches"]):
+        row("plain targets", "plain_targets", str)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", help="results JSON files written by metake-fast evaluate")
+    ap.add_argument("--out", help="also write the breakdown as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        runs = [by_batch(p) for p in args.results]
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table(runs))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(runs, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

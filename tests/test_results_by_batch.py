@@ -1,0 +1,50 @@
+"""bench/results_by_batch.py: per-batch sums agree with evaluate's own aggregate metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import results_by_batch  # noqa: E402
+
+RUNS = sorted((ROOT / "docs" / "results").glob("cf_n1000_b100_*.json"))
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_batches_add_up_to_the_run_metrics(path):
+    """Weighted by batch size, the per-batch numbers give back the run's metrics_post exactly."""
+    out = results_by_batch.by_batch(str(path))
+    res = json.loads(path.read_text())
+    n = sum(b["n"] for b in out["batches"])
+    assert n == res["num_edits"] and len(out["batches"]) == res["num_edits"] // res["batch_size"]
+    post = res["metrics_post"]
+    failed = sum(b["failed_rewrites"] for b in out["batches"])
+    assert 100.0 * (1 - failed / n) == pytest.approx(post["efficacy"], abs=1e-9)
+    for key in ("generalization", "specificity"):
+        assert sum(b[key] * b["n"] for b in out["batches"]) / n == pytest.approx(post[key], abs=1e-9)
+    assert sum(b["plain_targets"] for b in out["batches"]) == (res["edit"].get("fallbacks") or 0)
+
+
+def test_grouping_and_errors(tmp_path, capsys):
+    """Records are grouped by index // batch_size; a missing records file is a clear error, not a traceback."""
+    recs = []
+    for i in range(5):
+        post = {"efficacy": float(i % 2), "generalization": 0.5 * (i % 3 == 0), "specificity": 1.0}
+        recs.append({"index": i, "post": post, "edit": {"fallback": i == 4}})
+    (tmp_path / "r.records.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    res = {"method": "x", "batch_size": 2, "metrics_post": {}, "records": "elsewhere/r.records.jsonl"}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    out = results_by_batch.by_batch(str(tmp_path / "r.json"))
+    assert [b["n"] for b in out["batches"]] == [2, 2, 1]
+    assert [b["failed_rewrites"] for b in out["batches"]] == [1.0, 1.0, 1.0]
+    assert [b["generalization"] for b in out["batches"]] == [25.0, 25.0, 0.0]
+    assert [b["plain_targets"] for b in out["batches"]] == [0, 0, 1]
+    (tmp_path / "r.records.jsonl").unlink()
+    assert results_by_batch.main([str(tmp_path / "r.json")]) == 2
+    assert "not found" in capsys.readouterr().err
