@@ -18,6 +18,10 @@ import json
 import os
 import sys
 
+import _common  # noqa: F401,I001  (puts the repository on sys.path)
+
+from metake_fast.evaluate import record_metrics
+
 
 def _records_path(results_path: str, res: dict) -> str:
     rec = res.get("records")
@@ -36,29 +40,23 @@ def by_batch(results_path: str) -> dict:
     with open(results_path) as f:
         res = json.load(f)
     bsz = int(res["batch_size"])
-    rows: dict[int, dict] = {}
+    posts: dict[int, list[dict]] = {}
+    plain: dict[int, int] = {}
     with open(_records_path(results_path, res)) as f:
         for line in f:
             r = json.loads(line)
             b = int(r["index"]) // bsz
-            row = rows.setdefault(b, {"n": 0, "failed": 0.0, "generalization": 0.0, "specificity": 0.0, "plain": 0})
-            post = r["post"]
-            row["n"] += 1
-            row["failed"] += 1.0 - post["efficacy"]
-            row["generalization"] += post["generalization"]
-            row["specificity"] += post["specificity"]
-            row["plain"] += int(bool((r.get("edit") or {}).get("fallback")))
+            posts.setdefault(b, []).append(r["post"])
+            plain[b] = plain.get(b, 0) + int(bool((r.get("edit") or {}).get("fallback")))
     batches = []
-    for b in sorted(rows):
-        row = rows[b]
-        n = row["n"]
+    for b in sorted(posts):
+        recs = posts[b]
         batches.append({
             "batch": b + 1,
-            "n": n,
-            "failed_rewrites": row["failed"],
-            "generalization": 100.0 * row["generalization"] / n,
-            "specificity": 100.0 * row["specificity"] / n,
-            "plain_targets": row["plain"],
+            "n": len(recs),
+            "failed_rewrites": sum(1.0 - r["efficacy"] for r in recs if r.get("efficacy") is not None),
+            **{k: v for k, v in record_metrics(recs).items() if k != "efficacy"},
+            "plain_targets": plain[b],
         })  # fmt: skip
     label = res["method"] + (f" ({res['commit']})" if res.get("commit") else "")
     return {"label": label, "results": results_path, "batch_size": bsz, "batches": batches,
@@ -76,8 +74,8 @@ def table(runs: list[dict]) -> str:
             lines.append(f"| {name}, {r['label']} | " + " | ".join(vals) + " |")
 
     row("failed rewrites", "failed_rewrites", lambda x: f"{x:g}")
-    row("generalization", "generalization", lambda x: f"{x:.0f}")
-    row("specificity", "specificity", lambda x: f"{x:.0f}")
+    row("generalization", "generalization", lambda x: "–" if x is None else f"{x:.0f}")
+    row("specificity", "specificity", lambda x: "–" if x is None else f"{x:.0f}")
     if any(b["plain_targets"] for r in runs for b in r["batches"]):
         row("plain targets", "plain_targets", str)
     return "\n".join(lines)

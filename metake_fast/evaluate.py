@@ -86,6 +86,12 @@ class EvaluationError(ValueError):
 # --------------------------------------------------------------------------- small helpers
 
 
+def record_metrics(records: Sequence[dict]) -> dict[str, float | None]:
+    """Efficacy, generalization and specificity in percent over per-request records (each the
+    mean of its own prompts); requests without prompts of a kind (``None``) are left out of it."""
+    return {key: _pct(_mean([r.get(key) for r in records])) for key in ("efficacy", "generalization", "specificity")}
+
+
 def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [float(x) for x in xs if x is not None]
     return sum(vals) / len(vals) if vals else None
@@ -242,11 +248,7 @@ def evaluate_cases(
         _eval_zsre(model, tok, cases, zs, records, batch_size, ref)
     if fluency:
         _eval_fluency(model, tok, cases, records, batch_size, fluency_prompts, fluency_tokens)
-    metrics: dict[str, Any] = {
-        "efficacy": _pct(_mean([r.get("efficacy") for r in records])),
-        "generalization": _pct(_mean([r.get("generalization") for r in records])),
-        "specificity": _pct(_mean([r.get("specificity") for r in records])),
-    }
+    metrics: dict[str, Any] = record_metrics(records)
     ents = [r.get("fluency") for r in records]
     metrics["fluency"] = None if all(e is None for e in ents) else 100.0 * _mean(ents)
     metrics["consistency"] = None  # needs Wikipedia reference texts; see the module docstring

@@ -32,10 +32,11 @@ def test_batches_add_up_to_the_run_metrics(path):
 
 
 def test_grouping_and_errors(tmp_path, capsys):
-    """Records are grouped by index // batch_size; a missing records file is a clear error, not a traceback."""
+    """Records are grouped by index // batch_size; missing prompt kinds stay None; a missing records file is a clear error, not a traceback."""
     recs = []
     for i in range(5):
-        post = {"efficacy": float(i % 2), "generalization": 0.5 * (i % 3 == 0), "specificity": 1.0}
+        gen = None if i == 4 else 0.5 * (i % 3 == 0)  # no paraphrase prompts: left out, as in evaluate
+        post = {"efficacy": float(i % 2), "generalization": gen, "specificity": 1.0}
         recs.append({"index": i, "post": post, "edit": {"fallback": i == 4}})
     (tmp_path / "r.records.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     res = {"method": "x", "batch_size": 2, "metrics_post": {}, "records": "elsewhere/r.records.jsonl"}
@@ -43,7 +44,8 @@ def test_grouping_and_errors(tmp_path, capsys):
     out = results_by_batch.by_batch(str(tmp_path / "r.json"))
     assert [b["n"] for b in out["batches"]] == [2, 2, 1]
     assert [b["failed_rewrites"] for b in out["batches"]] == [1.0, 1.0, 1.0]
-    assert [b["generalization"] for b in out["batches"]] == [25.0, 25.0, 0.0]
+    assert [b["generalization"] for b in out["batches"]] == [25.0, 25.0, None]
+    assert "–" in results_by_batch.table([out])
     assert [b["plain_targets"] for b in out["batches"]] == [0, 0, 1]
     (tmp_path / "r.records.jsonl").unlink()
     assert results_by_batch.main([str(tmp_path / "r.json")]) == 2
