@@ -10,22 +10,38 @@ compares, at the last edited layer ``L`` and to first order, what each write wou
   factor of ``U₀ᵀK_pK_pᵀU₀ + λI``, no stored keys needed);
 * realised energy ``‖ΔW K‖²_F = tr(Rᵀ Gᵀ G R)`` on the batch's own keys.
 
+Ratios are against the plain targets under the run's own solver. A variant that re-weights the
+history (``history_scale``) is measured under its own solver, and so are the plain targets
+(``*_plain_<name>``: AlphaEdit with that weight).
+
 python bench/metake_history_disturbance.py --checkpoint DIR --start 500 --n 20
+
+Settings other than the run's own are compared from the same state and the same plain
+targets with ``--variant NAME:field=value,...`` (repeatable), e.g. to choose the
+history term's weight: ``--variant eta10:history_weight=10 --variant eta30:history_weight=30``.
+``--hparams FILE`` is the run's own file (a checkpoint only loads into matching settings).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import torch
+import yaml
 
 from metake_fast.datasets import load_requests
 from metake_fast.editor import Editor
+from metake_fast.hparams import ALIASES, HParamsError, make_hparams, validate_hparams
 from metake_fast.metake import refine_targets
 from metake_fast.targets import optimize_targets
+
+
+def typed_names(fields: dict) -> list[str]:
+    return [ALIASES.get(k, k) for k in fields]
 
 
 def main() -> None:
@@ -34,8 +50,37 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--start", type=int, required=True, help="first CounterFact record of the next batch")
     p.add_argument("--n", type=int, default=20)
+    p.add_argument("--hparams", default=None, help="the run's hparams file (default: the shipped one)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:FIELD=VALUE,...",
+        help="also refine with these settings changed (repeatable)",
+    )
+    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    ed = Editor.from_pretrained(args.model, method="metake", progress=False)
+    variants = {}
+    for v in args.variant:
+        name, _, spec = v.partition(":")
+        try:
+            fields = {k: yaml.safe_load(val) for k, val in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+        except ValueError:
+            p.error(f"--variant {v!r}: expected NAME:field=value,...")
+        if not name or name in ("plain", "metake") or name in variants:
+            p.error(f"--variant {v!r}: needs a new name (not plain/metake)")
+        variants[name] = fields
+    ed = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
+    hp_run = ed.hparams
+    hps = {}
+    for name, fields in variants.items():
+        try:
+            typed = make_hparams("metake", fields)
+            hps[name] = validate_hparams(
+                dataclasses.replace(hp_run, **{k: getattr(typed, k) for k in typed_names(fields)})
+            )
+        except (HParamsError, TypeError) as exc:
+            p.error(f"--variant {name}: {exc}")
     ed.load_checkpoint(args.checkpoint)
     ed._ensure_solvers()
     reqs = load_requests("counterfact", args.start + args.n)[args.start :]
@@ -43,21 +88,56 @@ def main() -> None:
     L = ed.layers[-1]
     t0 = time.perf_counter()
     tres = optimize_targets(ed.model, ed.tok, ed.adapter, reqs, L, tpl, ed._target_config(), progress=False)
-    Z_meta = refine_targets(ed, reqs, tpl, tres, {"targets": 0.0, "keys": 0.0, "solve": 0.0, "apply": 0.0})
-    # the last-layer keys and gate the outer loop already computed (structural_gate)
-    K, hp = ed.last_gate_keys, ed.hparams
-    Hp = ed._solvers[L].history_gram(K).double()
-    last_full = hp.gate_layers == "last" and hp.gate == "full"
-    G = (ed.last_gate if last_full else ed._solvers[L].solve(K)[1]).double()
-    R = {"plain": tres.delta.double(), "metake": Z_meta.T.double() - tres.h.double()}
-    out = {"history": ed._solvers[L].n_history, "requests": len(reqs), "seconds": time.perf_counter() - t0}
-    for k, r in R.items():
-        out[f"disturbance_{k}"] = float(torch.trace(r.T @ Hp @ r))
-        out[f"realised_energy_{k}"] = float(torch.trace(r.T @ G.T @ G @ r))
-        out[f"residual_norm_{k}"] = float(r.norm())
-    for q in ("disturbance", "realised_energy", "residual_norm"):
-        out[f"{q}_ratio"] = out[f"{q}_metake"] / out[f"{q}_plain"]
+    timing = {"targets": 0.0, "keys": 0.0, "solve": 0.0, "apply": 0.0}
+    solvers = ed._solvers
+    saved = {layer: (s.L_A.clone(), s.history_scale) for layer, s in solvers.items()}
+
+    def measured(r: torch.Tensor) -> dict:
+        # the last-layer keys and gate the outer loop just computed (structural_gate), for the
+        # solver as it is now (a variant may re-weight the history, ``history_scale``)
+        hp = ed.hparams
+        K = ed.last_gate_keys
+        Hp = solvers[L].history_gram(K).double()
+        last_full = hp.gate_layers == "last" and hp.gate == "full"
+        G = (ed.last_gate if last_full else solvers[L].solve(K)[1]).double()
+        return {
+            "disturbance": float(torch.trace(r.T @ Hp @ r)),
+            "realised_energy": float(torch.trace(r.T @ G.T @ G @ r)),
+            "residual_norm": float(r.norm()),
+        }
+
+    res = {}
+    Z_meta = refine_targets(ed, reqs, tpl, tres, timing)
+    plain = tres.delta.double()
+    res["plain"] = measured(plain)
+    res["metake"] = measured(Z_meta.T.double() - tres.h.double())
+    for name, hpv in hps.items():
+        ed.hparams = hpv
+        reweighted = hpv.history_scale != hp_run.history_scale
+        if reweighted:
+            for s in solvers.values():
+                s.set_history_scale(hpv.history_scale)
+        res[name] = measured(refine_targets(ed, reqs, tpl, tres, timing).T.double() - tres.h.double())
+        if reweighted:  # the lower level alone (AlphaEdit with this μ) on the same plain targets
+            res[f"plain_{name}"] = measured(plain)
+            for layer, s in solvers.items():
+                s.L_A, s.history_scale = saved[layer][0].clone(), saved[layer][1]
+    ed.hparams = hp_run
+    out = {"history": solvers[L].n_history, "requests": len(reqs), "seconds": time.perf_counter() - t0}
+    out["variants"] = {name: {k: getattr(hps[name], k) for k in typed_names(f)} for name, f in variants.items()}
+    for k, m in res.items():
+        for q, v in m.items():
+            out[f"{q}_{k}"] = v
+    for k in res:
+        if k == "plain":
+            continue
+        sfx = "" if k == "metake" else f"_{k}"
+        for q in ("disturbance", "realised_energy", "residual_norm"):
+            out[f"{q}_ratio{sfx}"] = out[f"{q}_{k}"] / out[f"{q}_plain"]
     print(json.dumps(out, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

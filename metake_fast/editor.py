@@ -228,7 +228,9 @@ class Editor:
                 lam = getattr(hp, "mom2_update_weight", 1.0)
                 self._solvers[layer] = CovarianceSolver(C, lam, layer=layer, dtype=dt)
             else:
-                self._solvers[layer] = NullSpaceSolver(C, hp.nullspace_threshold, hp.L2, layer=layer, dtype=dt)
+                self._solvers[layer] = NullSpaceSolver(
+                    C, hp.nullspace_threshold, hp.L2, history_scale=hp.history_scale, layer=layer, dtype=dt
+                )
 
     # ------------------------------------------------------------------ editing
     def edit(

@@ -82,10 +82,16 @@ class MemitHParams(EditHParams):
 
 @dataclass
 class AlphaEditHParams(EditHParams):
-    """AlphaEdit: null space of C (eigenvalues below ``nullspace_threshold``), ``L2`` = λ_a."""
+    """AlphaEdit: null space of C (eigenvalues below ``nullspace_threshold``), ``L2`` = λ_a.
+
+    history_scale: μ, the weight of the earlier edits' term in the solver's objective,
+        ``‖ΔW K − R‖² + μ‖ΔW K_p‖² + λ_a‖ΔW‖²`` over the null space (1 = AlphaEdit as published;
+        larger keeps a sequential run's earlier edits more and realises less of each new batch).
+    """
 
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
+    history_scale: float = 1.0
     method = "alphaedit"
 
 
@@ -189,6 +195,7 @@ _POSITIVE = {
     "target_chunk_tokens",
     "mom2_update_weight",
     "L2",
+    "history_scale",
     "nullspace_threshold",
     "outer_lr",
     "outer_clamp_norm_factor",
@@ -291,6 +298,8 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
             raise HParamsError(f"hparams field 'layers': {bad} out of range for a model with {num_layers} layers")
     if getattr(hp, "history_weight", 0.0) > 0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
         raise HParamsError("hparams field 'history_weight' needs base_solver 'alphaedit' (MEMIT keeps no history)")
+    if getattr(hp, "history_scale", 1.0) != 1.0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
+        raise HParamsError("hparams field 'history_scale' needs base_solver 'alphaedit' (MEMIT keeps no history)")
     if hp.method == "rome" and len(hp.layers) > 1:
         raise HParamsError(f"ROME edits one layer; got layers {hp.layers}")
     return hp

@@ -304,13 +304,15 @@ class NullSpaceSolver(_LayerSolver):
 
     ``U0`` (d_k, r): eigenvectors of ``C`` with eigenvalue ``< threshold`` (the
     threshold applies to ``C`` as given; normalise ``C`` beforehand if needed).
-    ``A = U0ᵀ K_p K_pᵀ U0 + λ I_r`` is kept as its Cholesky factor, starting at
+    ``A = μ U0ᵀ K_p K_pᵀ U0 + λ I_r`` is kept as its Cholesky factor, starting at
     ``sqrt(λ) I_r``, and grows by :meth:`add_history` with rank-``u`` updates.
 
     Args:
         C: (d_k, d_k) second moment of keys (any float dtype).
         threshold: eigenvalue threshold τ for the null space.
         lam: λ_a (10 in the reference code).
+        history_scale: μ, the weight of the earlier edits' term ``μ‖ΔW K_p‖²`` in the
+            objective (1 in AlphaEdit; larger protects earlier edits more).
         layer: name used in warnings / errors.
         dtype: solve dtype (float64 default, float32 optional).
         out_dtype: dtype of returned ``Y`` / ``G`` (float32 default; ``None`` = ``dtype``).
@@ -322,6 +324,7 @@ class NullSpaceSolver(_LayerSolver):
         threshold: float = 2e-2,
         lam: float = 10.0,
         *,
+        history_scale: float = 1.0,
         layer=None,
         dtype: torch.dtype = torch.float64,
         out_dtype: torch.dtype | None = torch.float32,
@@ -329,6 +332,9 @@ class NullSpaceSolver(_LayerSolver):
         Cd = self._init_layer(C, layer, dtype, out_dtype)
         self.threshold = float(threshold)
         self.lam = float(lam)
+        if not (math.isfinite(history_scale) and history_scale > 0):
+            raise ValueError(f"{_where(layer)}history_scale must be a finite number > 0, got {history_scale!r}")
+        self.history_scale = float(history_scale)
         evals, evecs = torch.linalg.eigh(Cd)
         self.U0 = evecs[:, evals < self.threshold].contiguous()  # (d_k, r)
         r = self.U0.shape[1]
@@ -350,7 +356,7 @@ class NullSpaceSolver(_LayerSolver):
 
         K: (d_k, u). Returns Y: (d_k, u) and the gate G = Yᵀ K = K̃ᵀ(A + K̃K̃ᵀ)⁻¹K̃:
         (u, u), both in ``out_dtype``. ``ΔW = R Yᵀ`` is AlphaEdit's
-        ``R Kᵀ P (P M P + λ I)⁻¹`` with ``M = K_pK_pᵀ + KKᵀ``. Does not change the history.
+        ``R Kᵀ P (P M P + λ I)⁻¹`` with ``M = μK_pK_pᵀ + KKᵀ``. Does not change the history.
         """
         K = self._keys(K)
         u = K.shape[1]
@@ -366,9 +372,9 @@ class NullSpaceSolver(_LayerSolver):
         """``H_p = Yᵀ K_p K_pᵀ Y`` (u, u) in the solve dtype, for ``Y`` of :meth:`solve` on keys ``K``.
 
         ``‖ΔW K_p‖²_F = tr(R H_p Rᵀ)`` (``ΔW = R Yᵀ``) is how far a write of residuals ``R``
-        moves the outputs on the keys of every earlier edit. The keys are not stored:
-        ``U0ᵀK_pK_pᵀU0 = A − λI`` with ``A = L_A L_Aᵀ``, so ``H_p = (L_AᵀX)ᵀ(L_AᵀX) − λXᵀX``,
-        ``X = U0ᵀY``.
+        moves the outputs on the keys of every earlier edit (unweighted by μ). The keys are
+        not stored: ``μU0ᵀK_pK_pᵀU0 = A − λI`` with ``A = L_A L_Aᵀ``, so
+        ``H_p = ((L_AᵀX)ᵀ(L_AᵀX) − λXᵀX)/μ``, ``X = U0ᵀY``.
         """
         K = self._keys(K)
         u = K.shape[1]
@@ -376,22 +382,36 @@ class NullSpaceSolver(_LayerSolver):
             return K.new_zeros(u, u)
         X, _ = _woodbury_core(self.L_A, self.U0.T @ K, 1.0, self.layer)
         T = self.L_A.T @ X
-        return T.T @ T - self.lam * (X.T @ X)
+        return (T.T @ T - self.lam * (X.T @ X)) / self.history_scale
 
     def add_history(self, K: torch.Tensor) -> None:
-        """``A ← A + K̃K̃ᵀ`` (K̃ = U0ᵀK, K: (d_k, u) keys of a finished batch) by a rank-u update."""
+        """``A ← A + μK̃K̃ᵀ`` (K̃ = U0ᵀK, K: (d_k, u) keys of a finished batch) by a rank-u update."""
         K = self._keys(K)
         if K.shape[1] == 0 or self.rank == 0:
             return
-        self.L_A = cholesky_rank_update(self.L_A, self.U0.T @ K)
+        self.L_A = cholesky_rank_update(self.L_A, math.sqrt(self.history_scale) * (self.U0.T @ K))
         self.n_history += K.shape[1]
 
+    def set_history_scale(self, history_scale: float) -> None:
+        """Re-weight the history already accumulated: ``A ← (μ'/μ)(A − λI) + λI``, then ``μ = μ'``.
+
+        The same state as a solver built with ``μ'`` that saw the same batches (up to rounding)."""
+        if not (math.isfinite(history_scale) and history_scale > 0):
+            raise ValueError(f"{_where(self.layer)}history_scale must be a finite number > 0, got {history_scale!r}")
+        if self.rank > 0 and self.n_history > 0:
+            eye = torch.eye(self.rank, dtype=self.dtype, device=self.device)
+            A = self.L_A @ self.L_A.T
+            A = (history_scale / self.history_scale) * (A - self.lam * eye) + self.lam * eye
+            self.L_A = torch.linalg.cholesky(0.5 * (A + A.T))
+        self.history_scale = float(history_scale)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only: ``U0``, ``L_A`` and 0-d tensors ``lam``, ``threshold``, ``n_history``."""
+        """Tensors only: ``U0``, ``L_A`` and 0-d tensors ``lam``, ``history_scale``, ``threshold``, ``n_history``."""
         return {
             "U0": self.U0,
             "L_A": self.L_A,
             "lam": torch.tensor(self.lam, dtype=torch.float64),
+            "history_scale": torch.tensor(self.history_scale, dtype=torch.float64),
             "threshold": torch.tensor(self.threshold, dtype=torch.float64),
             "n_history": torch.tensor(self.n_history, dtype=torch.int64),
         }
@@ -407,5 +427,6 @@ class NullSpaceSolver(_LayerSolver):
         self.U0 = U0
         self.L_A = L_A
         self.lam = float(d["lam"])
+        self.history_scale = float(d["history_scale"]) if "history_scale" in d else 1.0
         self.threshold = float(d["threshold"])
         self.n_history = int(d["n_history"]) if "n_history" in d else 0

@@ -416,3 +416,32 @@ def test_history_weight_lowers_the_disturbance_of_earlier_keys(setup):
     ed.restore()
     with pytest.raises(HParamsError, match="history_weight"):
         make_hparams("metake", {"history_weight": 1.0, "base_solver": "memit"})
+
+
+def test_history_scale_reaches_every_layer_solver(setup):
+    """``history_scale`` μ weights the earlier edits in AlphaEdit's solve (the lower level): two
+    editors that differ only in μ write the first batch identically (no history yet), and after it
+    each layer's solver state equals the μ = 1 state re-weighted to μ."""
+    from metake_fast.hparams import HParamsError, make_hparams
+
+    model, tok = setup
+    kw = dict(L2=0.5, nullspace_threshold=1e-3, safeguard_margin=-100.0, outer_steps=2)
+    states = {}
+    for mu in (1.0, 3.0):
+        ed = _editor(model, tok, history_scale=mu, **kw)
+        ed.edit(REQS)
+        states[mu] = ({n: d.clone() for n, d in ed.weight_deltas().items()}, ed._solvers)
+        ed.restore()
+    w1, s1 = states[1.0]
+    w3, s3 = states[3.0]
+    for n in w1:
+        torch.testing.assert_close(w1[n], w3[n], rtol=0, atol=0)
+    for layer, solver in s1.items():
+        assert s3[layer].history_scale == 3.0 and s3[layer].n_history == len(REQS)
+        solver.set_history_scale(3.0)
+        A1, A3 = solver.L_A @ solver.L_A.T, s3[layer].L_A @ s3[layer].L_A.T
+        torch.testing.assert_close(A1, A3, rtol=1e-8, atol=1e-8 * float(A3.abs().max()))
+    for bad in ({"history_scale": 0.0}, {"history_scale": 2.0, "base_solver": "memit"}):
+        with pytest.raises(HParamsError, match="history_scale"):
+            make_hparams("metake", bad)
+    assert make_hparams("alphaedit", {"history_scale": 2.0}).history_scale == 2.0

@@ -309,3 +309,74 @@ def test_history_gram_is_the_disturbance_of_earlier_keys(n_batches):
     torch.testing.assert_close(torch.trace(R @ Hp @ R.T), (dW @ Kp).pow(2).sum(), rtol=1e-9, atol=1e-10)
     if n_batches == 0:
         assert float(Hp.abs().max()) < 1e-10
+
+
+def _alphaedit_weighted_reference(P, K_p, K, R, lam, mu):
+    """The AlphaEdit solve with the history term weighted by μ, in fp64 from its normal equations:
+    minimise ‖ΔW K − R‖² + μ‖ΔW K_p‖² + λ‖ΔW‖² over ΔW = ΔP P (ΔW = R Kᵀ P (P M P + λI)⁺, M = μK_pK_pᵀ + KKᵀ)."""
+    d = P.shape[0]
+    M = mu * K_p @ K_p.T + K @ K.T
+    return torch.linalg.solve(P @ M + lam * torch.eye(d, dtype=F64), P @ K @ R.T).T
+
+
+@pytest.mark.parametrize("mu", [0.25, 1.0, 4.0])
+def test_alphaedit_history_scale_matches_weighted_reference(mu):
+    d_k, d_v, lam = 30, 9, 10.0
+    C, U_keep = _alphaedit_setup(d_k)
+    solver = NullSpaceSolver(C, threshold=2e-2, lam=lam, history_scale=mu, out_dtype=None)
+    P = solver.projector
+    K_p = torch.zeros(d_k, 0, dtype=F64)
+    g = _gen(61)
+    for u in (4, 2, 5):
+        K = torch.randn(d_k, u, generator=g, dtype=F64) * 2.0
+        R = torch.randn(d_v, u, generator=g, dtype=F64)
+        Y, G = solver.solve(K)
+        torch.testing.assert_close(R @ Y.T, _alphaedit_weighted_reference(P, K_p, K, R, lam, mu), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close((R @ Y.T) @ K, R @ G, rtol=1e-12, atol=1e-12)
+        # history_gram is the unweighted disturbance ‖ΔW K_p‖² whatever μ is
+        Hp = solver.history_gram(K)
+        torch.testing.assert_close(Hp, Y.T @ K_p @ K_p.T @ Y, rtol=1e-9, atol=1e-10 * max(1.0, float(Hp.abs().max())))
+        solver.add_history(K)
+        K_p = torch.cat([K_p, K], dim=1)
+
+
+def test_alphaedit_history_scale_protects_earlier_keys_more():
+    """Larger μ: less disturbance of the earlier keys and a smaller realised share of the new batch."""
+    d_k, d_v = 30, 9
+    C, _ = _alphaedit_setup(d_k)
+    K_p, K = _keys(d_k, 8, 70), _keys(d_k, 3, 71)
+    R = torch.randn(d_v, 3, generator=_gen(72), dtype=F64)
+    dist, share = [], []
+    for mu in (1.0, 3.0, 10.0):
+        s = NullSpaceSolver(C, lam=10.0, history_scale=mu, out_dtype=None)
+        s.add_history(K_p)
+        Y, G = s.solve(K)
+        dist.append(float((R @ Y.T @ K_p).pow(2).sum()))
+        share.append(float(torch.trace(G)))
+    assert dist[0] > dist[1] > dist[2] and share[0] > share[1] > share[2]
+
+
+def test_alphaedit_set_history_scale_equals_solver_built_with_it():
+    C, _ = _alphaedit_setup()
+    batches = [_keys(C.shape[0], u, 80 + i) for i, u in enumerate((3, 6, 2))]
+    a = NullSpaceSolver(C, lam=10.0, out_dtype=None)
+    b = NullSpaceSolver(C, lam=10.0, history_scale=3.0, out_dtype=None)
+    for K in batches:
+        a.add_history(K)
+        b.add_history(K)
+    a.set_history_scale(3.0)
+    assert a.history_scale == 3.0
+    torch.testing.assert_close(a.L_A @ a.L_A.T, b.L_A @ b.L_A.T, rtol=1e-10, atol=1e-9)
+    K = _keys(C.shape[0], 4, 90)
+    for x, y in zip(a.solve(K), b.solve(K)):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+    # the scale travels with the state
+    t = NullSpaceSolver(C, lam=10.0, out_dtype=None)
+    t.load_state_dict(b.state_dict())
+    assert t.history_scale == 3.0
+    for x, y in zip(t.solve(K), b.solve(K)):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="history_scale"):
+        NullSpaceSolver(C, history_scale=0.0)
+    with pytest.raises(ValueError, match="history_scale"):
+        a.set_history_scale(float("nan"))
