@@ -26,6 +26,10 @@ from typing import Any
 from .delta import DeltaError, tensor_checksum, write_atomic
 
 FORMAT = "metake_fast.checkpoint"
+#: solver state entries added after the format was first written; a checkpoint without one
+#: loads with the solver's default for it (``NullSpaceSolver.history_scale`` 1, the only value
+#: such a checkpoint's settings allow).
+_SOLVER_STATE_ADDED = {"history_scale"}
 
 
 class CheckpointError(DeltaError):
@@ -114,6 +118,8 @@ def load_checkpoint(editor, path: str | os.PathLike) -> dict[str, Any]:
         solvers[layer] = {}
         for name in state:
             t = tensors.get(f"solver.{layer}.{name}")
+            if t is None and name in _SOLVER_STATE_ADDED:
+                continue  # an older checkpoint: the solver keeps the default (see _SOLVER_STATE_ADDED)
             if t is None:
                 raise CheckpointError(f"{src}: layer {layer}: solver state {name!r} missing")
             solvers[layer][name] = t

@@ -169,3 +169,38 @@ def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
                    {**HP, "v_weight_decay": 0.123}, cache=tmp_path, progress=False)  # fmt: skip
     with pytest.raises(CheckpointError, match="hyperparameters"):
         other.load_checkpoint(old)
+
+
+def test_checkpoint_from_before_history_scale_resumes(tmp_path):
+    """A checkpoint written before the solver state had ``history_scale`` (no such tensors, no
+    such hyperparameter) loads into a default editor with μ = 1 and the same solver answers."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from metake_fast.delta import tensor_checksum
+
+    ed = _editor(tmp_path, "alphaedit")
+    ed.edit(REQS[:2], batch_size=2, score=False)
+    path = tmp_path / "state.safetensors"
+    ed.save_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".history_scale")}
+    assert len(tensors) < len(load_file(str(path)))
+    hp = json.loads(meta["hparams"])
+    del hp["history_scale"]
+    meta["hparams"] = json.dumps(hp, sort_keys=True)
+    meta["sha256"] = tensor_checksum(tensors)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    fresh = _editor(tmp_path, "alphaedit")
+    fresh.load_checkpoint(old)
+    want = _edited(ed)
+    assert all(torch.equal(_edited(fresh)[layer], want[layer]) for layer in want)
+    K = torch.randn(next(iter(ed._solvers.values())).d_k, 3, generator=torch.Generator().manual_seed(0))
+    for layer, s in fresh._solvers.items():
+        assert s.history_scale == 1.0 and s.n_history == 2
+        for a, b in zip(s.solve(K), ed._solvers[layer].solve(K)):
+            assert torch.equal(a, b)
