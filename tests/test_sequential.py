@@ -139,15 +139,15 @@ def test_same_hparams_accepts_fields_added_later_only_at_their_default():
     assert not same_hparams(None, hp)
 
 
-def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
-    """A checkpoint whose stored hyperparameters lack a field added later (at its default) loads;
-    one that then differs from this editor's value of that field is refused."""
+def _older_checkpoint(tmp_path, field: str, tensor_suffix: str | None = None):
+    """Edit two requests, checkpoint, and rewrite that checkpoint as if hyperparameter ``field``
+    (and the solver tensors ending in ``tensor_suffix``) had been added after it was written."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from metake_fast.checkpoint import CheckpointError
+    from metake_fast.delta import tensor_checksum
 
     ed = _editor(tmp_path, "alphaedit")
     ed.edit(REQS[:2], batch_size=2, score=False)
@@ -155,11 +155,26 @@ def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
     ed.save_checkpoint(path)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    if tensor_suffix is not None:
+        kept = {k: v for k, v in tensors.items() if not k.endswith(tensor_suffix)}
+        assert len(kept) < len(tensors)
+        tensors = kept
     hp = json.loads(meta["hparams"])
-    del hp["v_weight_decay"]  # as if the field had been added after the checkpoint was written
+    del hp[field]
     meta["hparams"] = json.dumps(hp, sort_keys=True)
+    meta["sha256"] = tensor_checksum(tensors)
     old = tmp_path / "old.safetensors"
-    save_file(load_file(str(path)), str(old), metadata=meta)
+    save_file(tensors, str(old), metadata=meta)
+    return ed, old
+
+
+def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
+    """A checkpoint whose stored hyperparameters lack a field added later (at its default) loads;
+    one that then differs from this editor's value of that field is refused."""
+    from metake_fast.checkpoint import CheckpointError
+
+    ed, old = _older_checkpoint(tmp_path, "v_weight_decay")
     want = _edited(ed)
     fresh = _editor(tmp_path, "alphaedit")
     assert fresh.hparams.v_weight_decay == type(fresh.hparams)().v_weight_decay  # at its default
@@ -174,27 +189,7 @@ def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
 def test_checkpoint_from_before_history_scale_resumes(tmp_path):
     """A checkpoint written before the solver state had ``history_scale`` (no such tensors, no
     such hyperparameter) loads into a default editor with μ = 1 and the same solver answers."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from metake_fast.delta import tensor_checksum
-
-    ed = _editor(tmp_path, "alphaedit")
-    ed.edit(REQS[:2], batch_size=2, score=False)
-    path = tmp_path / "state.safetensors"
-    ed.save_checkpoint(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".history_scale")}
-    assert len(tensors) < len(load_file(str(path)))
-    hp = json.loads(meta["hparams"])
-    del hp["history_scale"]
-    meta["hparams"] = json.dumps(hp, sort_keys=True)
-    meta["sha256"] = tensor_checksum(tensors)
-    old = tmp_path / "old.safetensors"
-    save_file(tensors, str(old), metadata=meta)
+    ed, old = _older_checkpoint(tmp_path, "history_scale", ".history_scale")
     fresh = _editor(tmp_path, "alphaedit")
     fresh.load_checkpoint(old)
     want = _edited(ed)
