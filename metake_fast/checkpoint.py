@@ -71,7 +71,7 @@ def load_checkpoint(editor, path: str | os.PathLike) -> dict[str, Any]:
     """
     from safetensors.torch import load
 
-    from .hparams import same_hparams
+    from .hparams import hparams_differences
     from .requests import EditRequest
 
     src = str(path)
@@ -97,8 +97,9 @@ def load_checkpoint(editor, path: str | os.PathLike) -> dict[str, Any]:
         )
     if meta.get("method") != editor.method:
         raise CheckpointError(f"{src}: checkpoint was made with {meta.get('method')}, this editor uses {editor.method}")
-    if not same_hparams(json.loads(meta.get("hparams", "null")), editor.hparams):
-        raise CheckpointError(f"{src}: checkpoint hyperparameters differ from this editor's")
+    diff = hparams_differences(json.loads(meta.get("hparams", "null")), editor.hparams)
+    if diff:
+        raise CheckpointError(f"{src}: checkpoint hyperparameters differ from this editor's: {'; '.join(diff)}")
     try:
         requests = [EditRequest.from_dict(r, index=i) for i, r in enumerate(json.loads(meta["requests"]))]
         extra = json.loads(meta.get("extra", "{}"))

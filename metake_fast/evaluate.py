@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .datasets import DatasetError, EvalCase, detect_format, load_dataset, read_records
-from .hparams import same_hparams
+from .hparams import hparams_differences
 from .models import ensure_writable_dir, get_adapter
 from .runner import encode, encode_target, final_hidden, full_logprobs, make_batch, model_device, pad_id
 from .scoring import score_objects
@@ -424,14 +424,28 @@ def _positive(name: str, v) -> int:
     return v
 
 
+def _config_differences(saved, run_config: dict, hp) -> list[str]:
+    """How a stored run configuration differs from this run's (empty: the same run): the same
+    settings, and hyperparameters equal up to fields added since with their default values
+    (:func:`~metake_fast.hparams.hparams_differences`)."""
+    if not isinstance(saved, dict):
+        return ["no settings were saved"]
+    out = [
+        f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in run_config.items() if k != "hparams" and saved.get(k) != v
+    ]
+    out += [f"{k}: saved, not a setting of this version" for k in saved.keys() - run_config.keys()]
+    return out + hparams_differences(saved.get("hparams"), hp)
+
+
 def _same_config(saved, run_config: dict, hp) -> bool:
-    """Whether a stored run configuration is this run's: the same settings, and hyperparameters
-    equal up to fields added since with their default values (:func:`same_hparams`)."""
-    if not isinstance(saved, dict) or saved.keys() != run_config.keys():
-        return False
-    if any(saved[k] != v for k, v in run_config.items() if k != "hparams"):
-        return False
-    return same_hparams(saved.get("hparams"), hp)
+    return not _config_differences(saved, run_config, hp)
+
+
+def _another_run(state_path: Path, diff: list[str]) -> EvaluationError:
+    return EvaluationError(
+        f"checkpoint {state_path} belongs to another run (settings differ: {'; '.join(diff)}); "
+        "remove it, or rerun with the settings it was made with"
+    )
 
 
 def _checkpoint_config(path: Path):
@@ -571,8 +585,9 @@ def run_evaluation(
     state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
     if state_path is not None and state_path.exists():  # refuse another run's state before the slow pre-eval
         saved_config = _checkpoint_config(state_path)
-        if saved_config is not None and not _same_config(saved_config, run_config, editor.hparams):
-            raise EvaluationError(f"checkpoint {state_path} belongs to another run (settings differ); remove it")
+        diff = _config_differences(saved_config, run_config, editor.hparams) if saved_config is not None else []
+        if diff:
+            raise _another_run(state_path, diff)
     pre_saved = _read_json(ckpt_dir / "pre.json") if ckpt_dir is not None else None
     if pre_saved is not None and _same_config(pre_saved.get("config"), run_config, editor.hparams):
         log.info("pre-edit evaluation taken from the checkpoint in %s", ckpt_dir)
@@ -604,8 +619,9 @@ def run_evaluation(
     done, edit_s_before, progress_lines, sessions = 0, 0.0, [], []
     if state_path is not None and state_path.exists():
         extra = load_checkpoint(editor, state_path)
-        if not _same_config(extra.get("config"), run_config, editor.hparams):
-            raise EvaluationError(f"checkpoint {state_path} belongs to another run (settings differ); remove it")
+        diff = _config_differences(extra.get("config"), run_config, editor.hparams)
+        if diff:
+            raise _another_run(state_path, diff)
         done, edit_s_before = int(extra["edits_done"]), float(extra["edit_s"])
         report.requests = [RequestReport(**r) for r in extra["requests"]]
         report.batches, report.timing = int(extra["batches"]), dict(extra["timing"])

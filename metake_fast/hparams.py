@@ -354,22 +354,32 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def same_hparams(stored: dict | None, hp: EditHParams) -> bool:
-    """Whether hyperparameters saved earlier (``to_dict`` output, as stored in a checkpoint)
-    describe the same run as ``hp``. Every stored field must be equal; a field that ``hp`` has
-    and the stored dict lacks (added by a later version) must hold its default, which is the
-    behaviour the run had before the field existed."""
+def hparams_differences(stored: dict | None, hp: EditHParams) -> list[str]:
+    """How hyperparameters saved earlier (``to_dict`` output, as stored in a checkpoint) differ
+    from ``hp``, one ``"field: saved X, now Y"`` per field; empty when they describe the same run.
+    Every stored field must be equal; a field that ``hp`` has and the stored dict lacks (added by
+    a later version) must hold its default, which is the behaviour the run had before the field
+    existed."""
     if not isinstance(stored, dict):
-        return False
+        return ["no hyperparameters were saved"]
     cur = json.loads(json.dumps(to_dict(hp), sort_keys=True))
     stored = json.loads(json.dumps(stored, sort_keys=True))
-    if any(k not in cur or cur[k] != v for k, v in stored.items()):
-        return False
+    out = [
+        f"{k}: saved {v!r}, now {cur[k]!r}" if k in cur else f"{k}: saved {v!r}, not a field of this version"
+        for k, v in stored.items()
+        if k not in cur or cur[k] != v
+    ]
     defaults = {f.name: f.default for f in fields(type(hp)) if f.default is not dataclasses.MISSING}
-    for k in cur.keys() - stored.keys():
+    for k in sorted(cur.keys() - stored.keys()):
         if k not in defaults or json.loads(json.dumps(defaults[k])) != cur[k]:
-            return False
-    return True
+            out.append(f"{k}: not saved (so {defaults.get(k)!r} then), now {cur[k]!r}")
+    return out
+
+
+def same_hparams(stored: dict | None, hp: EditHParams) -> bool:
+    """Whether hyperparameters saved earlier describe the same run as ``hp`` (no
+    :func:`hparams_differences`)."""
+    return not hparams_differences(stored, hp)
 
 
 def to_dict(hp: EditHParams) -> dict:

@@ -115,7 +115,7 @@ def test_evaluate_checkpoint_resume_and_mismatch(capsys, model_dir, files, tmp_p
     assert again["metrics_post"] == first["metrics_post"] and again["sessions"][-1]["from_edit"] == 3
     rc, out, err = run_cli(capsys, *_evaluate_argv(model_dir, files, tmp_path, **{"--checkpoint": ck,
                                                                                   "--batch-size": 3}))  # fmt: skip
-    assert rc == 2 and err.count("\n") == 1 and "belongs to another run" in err
+    assert rc == 2 and err.count("\n") == 1 and "belongs to another run" in err and "batch_size: saved" in err
 
 
 def test_evaluate_zsre(capsys, model_dir, files, tmp_path):

@@ -323,7 +323,7 @@ def test_interrupted_run_resumes_from_checkpoint_to_the_same_result(
     assert len((tmp_path / "r.progress.jsonl").read_text().splitlines()) == 3
 
     # a checkpoint from other settings is refused, nothing is edited
-    with pytest.raises(EvaluationError, match="another run"):
+    with pytest.raises(EvaluationError, match="another run .*batch_size: saved 2, now 3"):
         run_evaluation(str(model_dir), method, "counterfact", 6, 3, out=tmp_path / "x.json", checkpoint=ck, **kw)
 
 
