@@ -299,6 +299,12 @@ class CovarianceSolver(_LayerSolver):
         return _out(Y, self.out_dtype), _out(G, self.out_dtype)
 
 
+def _history_scale(mu, layer) -> float:
+    if not (math.isfinite(mu) and mu > 0):
+        raise ValueError(f"{_where(layer)}history_scale must be a finite number > 0, got {mu!r}")
+    return float(mu)
+
+
 class NullSpaceSolver(_LayerSolver):
     """AlphaEdit null-space constrained solve for one layer, sequential over batches.
 
@@ -332,9 +338,7 @@ class NullSpaceSolver(_LayerSolver):
         Cd = self._init_layer(C, layer, dtype, out_dtype)
         self.threshold = float(threshold)
         self.lam = float(lam)
-        if not (math.isfinite(history_scale) and history_scale > 0):
-            raise ValueError(f"{_where(layer)}history_scale must be a finite number > 0, got {history_scale!r}")
-        self.history_scale = float(history_scale)
+        self.history_scale = _history_scale(history_scale, layer)
         evals, evecs = torch.linalg.eigh(Cd)
         self.U0 = evecs[:, evals < self.threshold].contiguous()  # (d_k, r)
         r = self.U0.shape[1]
@@ -396,14 +400,13 @@ class NullSpaceSolver(_LayerSolver):
         """Re-weight the history already accumulated: ``A ← (μ'/μ)(A − λI) + λI``, then ``μ = μ'``.
 
         The same state as a solver built with ``μ'`` that saw the same batches (up to rounding)."""
-        if not (math.isfinite(history_scale) and history_scale > 0):
-            raise ValueError(f"{_where(self.layer)}history_scale must be a finite number > 0, got {history_scale!r}")
+        history_scale = _history_scale(history_scale, self.layer)
         if self.rank > 0 and self.n_history > 0:
             eye = torch.eye(self.rank, dtype=self.dtype, device=self.device)
             A = self.L_A @ self.L_A.T
             A = (history_scale / self.history_scale) * (A - self.lam * eye) + self.lam * eye
             self.L_A = torch.linalg.cholesky(0.5 * (A + A.T))
-        self.history_scale = float(history_scale)
+        self.history_scale = history_scale
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only: ``U0``, ``L_A`` and 0-d tensors ``lam``, ``history_scale``, ``threshold``, ``n_history``."""
