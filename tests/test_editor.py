@@ -5,6 +5,7 @@ validated, and the written update matches the closed form on the keys the editor
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from _tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from metake_fast import editor as editor_mod  # noqa: E402
 from metake_fast.editor import EditError, Editor, EditReport  # noqa: E402
-from metake_fast.hparams import HParamsError  # noqa: E402
+from metake_fast.hparams import HParamsError, hparams_differences, load_hparams, to_dict  # noqa: E402
 from metake_fast.keys import keys_and_residual  # noqa: E402
 from metake_fast.requests import RequestError  # noqa: E402
 
@@ -327,6 +328,19 @@ def test_hparams_yaml_file(tmp_path):
     p.write_text("layers: [0, 1]\nbogus: 3\n")
     with pytest.raises(HParamsError, match="bogus"):
         Editor(tiny_model("llama", layers=4), tiny_tokenizer(), "memit", p, cache=False, progress=False)
+
+
+EXAMPLE_HPARAMS = sorted((Path(__file__).resolve().parent.parent / "examples" / "hparams").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_HPARAMS, ids=[p.stem for p in EXAMPLE_HPARAMS])
+def test_example_hparams_are_variants_of_the_shipped_file(path):
+    # Each examples/hparams/<method>_smollm2_<variant>.yaml loads for its method and differs from
+    # the shipped SmolLM2 file in at least one field (else a run with it measures nothing new).
+    method = path.stem.split("_")[0]
+    hp = load_hparams(method, path=path)
+    shipped = load_hparams(method, "smollm2-135m")
+    assert hparams_differences(to_dict(shipped), hp)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit"])
