@@ -23,7 +23,7 @@ import _common  # noqa: F401,I001  (puts the repository on sys.path)
 from metake_fast.evaluate import record_metrics
 
 
-def _records_path(results_path: str, res: dict) -> str:
+def records_path(results_path: str, res: dict) -> str:
     rec = res.get("records")
     if not rec:
         raise ValueError(f"{results_path}: no 'records' entry (run evaluate without --no-records)")
@@ -42,7 +42,7 @@ def by_batch(results_path: str) -> dict:
     bsz = int(res["batch_size"])
     posts: dict[int, list[dict]] = {}
     plain: dict[int, int] = {}
-    with open(_records_path(results_path, res)) as f:
+    with open(records_path(results_path, res)) as f:
         for line in f:
             r = json.loads(line)
             b = int(r["index"]) // bsz

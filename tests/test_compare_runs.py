@@ -1,0 +1,89 @@
+"""bench/compare_runs.py: paired differences agree with evaluate's own metrics; the sign test
+and the bootstrap interval against closed-form cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compare_runs  # noqa: E402
+
+RUNS = sorted((ROOT / "docs" / "results").glob("cf_n1000_b100_*.json"))
+BASE = ROOT / "docs" / "results" / "cf_n1000_b100_alphaedit.json"
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_paired_difference_is_the_difference_of_the_run_metrics(path):
+    base, other = compare_runs.load_cases(str(BASE)), compare_runs.load_cases(str(path))
+    out = compare_runs.compare(base, other, resamples=200)
+    pb, po = json.loads(BASE.read_text())["metrics_post"], json.loads(path.read_text())["metrics_post"]
+    for m in compare_runs.METRICS:
+        s = out["metrics"][m]
+        assert s["n"] == 1000
+        assert s["diff"] == pytest.approx(po[m] - pb[m], abs=1e-9)
+        assert s["ci95"][0] <= s["diff"] <= s["ci95"][1]
+        if path == BASE:
+            assert s["better"] == s["worse"] == 0 and s["ci95"] == [0.0, 0.0] and s["sign_test_p"] == 1.0
+
+
+def test_sign_test_closed_form():
+    assert compare_runs.sign_test_p(0, 0) == 1.0
+    assert compare_runs.sign_test_p(10, 0) == pytest.approx(2 / 2**10, rel=1e-12)
+    assert compare_runs.sign_test_p(0, 10) == compare_runs.sign_test_p(10, 0)
+    # 3 of 8: P(X <= 3) = (1 + 8 + 28 + 56) / 256, doubled.
+    assert compare_runs.sign_test_p(3, 5) == pytest.approx(2 * 93 / 256, rel=1e-12)
+    assert compare_runs.sign_test_p(4, 4) == 1.0
+    # Large n against the normal approximation with continuity correction.
+    p = compare_runs.sign_test_p(450, 550)
+    z = (550 - 500 - 0.5) / math.sqrt(250)
+    assert p == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.02)
+
+
+def _write_run(tmp_path, name, eff, gen, ids=None):
+    recs = [
+        {"index": i, "case_id": (ids or range(len(eff)))[i],
+         "post": {"efficacy": e, "generalization": g, "specificity": 1.0}}
+        for i, (e, g) in enumerate(zip(eff, gen))
+    ]  # fmt: skip
+    (tmp_path / f"{name}.records.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    res = {"method": "x", "records": f"{name}.records.jsonl", "metrics_post": {}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(res))
+    return str(tmp_path / f"{name}.json")
+
+
+def test_constant_shift_and_missing_values(tmp_path, capsys):
+    # Every case's generalization rises by exactly 0.25: every resample's mean is 25 points, so the
+    # interval collapses onto it. Efficacy flips 10 cases up and none down. A None leaves its case out.
+    n = 40
+    a = _write_run(tmp_path, "a", [0.0] * n, [0.5] * (n - 1) + [None])
+    b = _write_run(tmp_path, "b", [1.0] * 10 + [0.0] * (n - 10), [0.75] * n)
+    out = compare_runs.compare(compare_runs.load_cases(a), compare_runs.load_cases(b), resamples=500)
+    g = out["metrics"]["generalization"]
+    assert g["n"] == n - 1 and g["diff"] == pytest.approx(25.0) and g["ci95"] == pytest.approx([25.0, 25.0])
+    assert (g["better"], g["worse"]) == (n - 1, 0)
+    e = out["metrics"]["efficacy"]
+    assert e["diff"] == pytest.approx(25.0) and (e["better"], e["worse"]) == (10, 0)
+    assert e["sign_test_p"] == pytest.approx(2 / 2**10)
+    assert e["ci95"][0] < 25.0 < e["ci95"][1]
+    s = out["metrics"]["specificity"]
+    assert s["diff"] == 0.0 and s["sign_test_p"] == 1.0
+    assert compare_runs.main([a, b, "--resamples", "50"]) == 0
+    assert "+25.00" in capsys.readouterr().out
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    a = _write_run(tmp_path, "a", [1.0, 0.0], [1.0, 0.0])
+    b = _write_run(tmp_path, "b", [1.0, 0.0], [1.0, 0.0], ids=[0, 7])
+    assert compare_runs.main([a, b]) == 2
+    assert "not the same cases" in capsys.readouterr().err
+    assert compare_runs.main([a]) == 2
+    assert "at least one run" in capsys.readouterr().err
+    assert compare_runs.main([a, str(tmp_path / "missing.json")]) == 2
+    assert "error:" in capsys.readouterr().err
