@@ -7,11 +7,18 @@ closed form); the proxy is ``G ∇_H̃ F`` at the virtual hidden ``H + R G``
 ``bench/results/metake_proxy_cosine.jsonl``.
 
     python bench/metake_proxy_cosine.py --model smollm2-135m --n 4
+
+From a sequential run's state (``--checkpoint DIR/state.safetensors --hparams FILE`` of a
+MetaKE ``evaluate --checkpoint`` run, ``--start K`` its number of edits), the gradients are
+those of the next requests, K to K + n, under the solvers as the run left them: the history
+of earlier edits shapes both the gate and the real write. ``--gates`` then defaults to the
+run's own gate; other gate choices are measured from the same state.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import time
@@ -21,6 +28,7 @@ import torch
 
 from metake_fast.datasets import load_dataset
 from metake_fast.editor import Editor
+from metake_fast.hparams import HParamsError, validate_hparams
 from metake_fast.metake import proxy_gradient_cosine
 from metake_fast.targets import optimize_targets
 
@@ -31,27 +39,51 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=4, help="CounterFact requests (one batch)")
-    p.add_argument("--gates", default="last,spread,product")
+    p.add_argument("--gates", default=None, help="comma-separated gate_layers values (default: last,spread,product)")
     p.add_argument("--stats-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="target steps (default: the hparams)")
+    p.add_argument("--data", default="counterfact", help="CounterFact file or shipped name")
+    p.add_argument("--checkpoint", default=None, help="state.safetensors of a MetaKE evaluate run")
+    p.add_argument("--hparams", default=None, help="that run's hparams file (default: the shipped one)")
+    p.add_argument("--start", type=int, default=0, help="first request (with --checkpoint: the run's edits)")
     args = p.parse_args(argv)
-    reqs = [c.request for c in load_dataset("counterfact", n=args.n)]
+    if args.checkpoint and (args.stats_tokens or args.steps is not None):
+        p.error("--stats-tokens and --steps change the run's settings; a checkpoint loads only into its own")
+    reqs = [c.request for c in load_dataset(args.data, n=args.start + args.n)][args.start :]
+    if len(reqs) < args.n:
+        p.error(f"{args.data} has fewer than {args.start + args.n} records")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
-    for gate in args.gates.split(","):
-        over = {"gate_layers": gate}
-        if args.stats_tokens:
-            over["stats_tokens"] = args.stats_tokens
-        if args.steps is not None:
-            over["v_num_grad_steps"] = args.steps
-        ed = Editor.from_pretrained(args.model, method="metake", hparams=over, progress=False)
+    base = None
+    if args.checkpoint:
+        base = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
+        base.load_checkpoint(args.checkpoint)
+        if args.start < len(base.history):
+            p.error(f"--start {args.start}: the checkpoint already holds {len(base.history)} edits")
+    gates = args.gates or (base.hparams.gate_layers if base else "last,spread,product")
+    for gate in gates.split(","):
+        if base is not None:
+            ed = base
+            try:
+                ed.hparams = validate_hparams(dataclasses.replace(ed.hparams, gate_layers=gate))
+            except HParamsError as exc:
+                p.error(f"--gates {gate}: {exc}")
+        else:
+            over = {"gate_layers": gate}
+            if args.stats_tokens:
+                over["stats_tokens"] = args.stats_tokens
+            if args.steps is not None:
+                over["v_num_grad_steps"] = args.steps
+            ed = Editor.from_pretrained(args.model, method="metake", hparams=over, progress=False)
         ed._ensure_solvers()
         tpl = ed._templates()
         t0 = time.perf_counter()
         tres = optimize_targets(ed.model, ed.tok, ed.adapter, reqs, ed.layers[-1], tpl, ed._target_config(),
                                 progress=False)  # fmt: skip
         res = proxy_gradient_cosine(ed, reqs, tpl, tres)
-        row = {"model": args.model, "n": args.n, "gate_layers": gate, "layers": ed.layers, "commit": commit,
+        row = {"model": args.model, "n": args.n, "start": args.start, "checkpoint": args.checkpoint,
+               "hparams": args.hparams, "history": len(ed.history), "gate_layers": gate, "layers": ed.layers,
+               "commit": commit,
                "seconds": time.perf_counter() - t0, **res}  # fmt: skip
         rows.append(row)
         print(
