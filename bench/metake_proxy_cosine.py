@@ -28,7 +28,7 @@ import torch
 
 from metake_fast.datasets import load_dataset
 from metake_fast.editor import Editor
-from metake_fast.hparams import HParamsError, validate_hparams
+from metake_fast.hparams import HParamsError, load_hparams, validate_hparams
 from metake_fast.metake import proxy_gradient_cosine
 from metake_fast.targets import optimize_targets
 
@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="target steps (default: the hparams)")
     p.add_argument("--data", default="counterfact", help="CounterFact file or shipped name")
     p.add_argument("--checkpoint", default=None, help="state.safetensors of a MetaKE evaluate run")
-    p.add_argument("--hparams", default=None, help="that run's hparams file (default: the shipped one)")
+    p.add_argument(
+        "--hparams", default=None, help="hparams file (with --checkpoint: that run's; default: the shipped one)"
+    )
     p.add_argument("--start", type=int, default=0, help="first request (with --checkpoint: the run's edits)")
     args = p.parse_args(argv)
     if args.checkpoint and (args.stats_tokens or args.steps is not None):
@@ -74,7 +76,13 @@ def main(argv=None) -> int:
                 over["stats_tokens"] = args.stats_tokens
             if args.steps is not None:
                 over["v_num_grad_steps"] = args.steps
-            ed = Editor.from_pretrained(args.model, method="metake", hparams=over, progress=False)
+            hp = over
+            if args.hparams:  # that file's settings, with these changed
+                try:
+                    hp = load_hparams("metake", path=args.hparams, overrides=over)
+                except HParamsError as exc:
+                    p.error(f"--hparams {args.hparams}: {exc}")
+            ed = Editor.from_pretrained(args.model, method="metake", hparams=hp, progress=False)
         ed._ensure_solvers()
         tpl = ed._templates()
         t0 = time.perf_counter()
