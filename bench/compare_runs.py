@@ -6,6 +6,12 @@ difference in points, a paired bootstrap 95 % interval over cases, how many case
 better / worse, and the two-sided exact sign-test p-value on those cases. So a gap of a
 few tenths can be told apart from the noise of 1,000 cases.
 
+Besides the three scores (the share of prompts where the right object is preferred) the
+table has the field's magnitude metrics for CounterFact records (ROME's EM / PM / NM): per
+case the mean of ``P(new) − P(true)`` over its rewrite / paraphrase prompts, and of
+``P(true) − P(new)`` over its neighbourhood prompts, in points. A score flips on prompts
+where both probabilities are tiny; the magnitude weighs each prompt by how far it moved.
+
     python bench/compare_runs.py docs/results/cf_n1000_b100_alphaedit.json \
         docs/results/cf_n1000_b100_metake.json [more runs ...] [--resamples 10000] [--out cmp.json]
 """
@@ -23,13 +29,30 @@ import numpy as np
 from results_by_batch import records_path
 
 METRICS = ("efficacy", "generalization", "specificity")
+# magnitude metric -> (record field with the prompts, +1 if P(new) should exceed P(true))
+MAGNITUDES = {
+    "efficacy_magnitude": ("rewrite", 1.0),
+    "generalization_magnitude": ("paraphrase", 1.0),
+    "specificity_magnitude": ("neighborhood", -1.0),
+}
+ALL_METRICS = METRICS + tuple(MAGNITUDES)
+
+
+def magnitude(post: dict, field: str, sign: float) -> float | None:
+    """Mean of ``sign·(P(new) − P(true))`` over the prompts of ``post[field]`` (None without them)."""
+    vals = [
+        sign * (float(e["p_new"]) - float(e["p_true"]))
+        for e in post.get(field) or []
+        if e.get("p_new") is not None and e.get("p_true") is not None
+    ]
+    return sum(vals) / len(vals) if vals else None
 
 
 def load_cases(results_path: str) -> dict:
     """``{"label", "case_ids", "post": {metric: [value or None per case]}}`` of one run."""
     with open(results_path) as f:
         res = json.load(f)
-    ids, post = [], {m: [] for m in METRICS}
+    ids, post = [], {m: [] for m in ALL_METRICS}
     with open(records_path(results_path, res)) as f:
         for line in f:
             r = json.loads(line)
@@ -37,6 +60,8 @@ def load_cases(results_path: str) -> dict:
             for m in METRICS:
                 v = r["post"].get(m)
                 post[m].append(None if v is None else float(v))
+            for m, (field, sign) in MAGNITUDES.items():
+                post[m].append(magnitude(r["post"], field, sign))
     name = os.path.splitext(os.path.basename(results_path))[0]
     label = name + (f" ({res['commit']})" if res.get("commit") else "")
     return {"label": label, "results": results_path, "case_ids": ids, "post": post}
@@ -57,7 +82,7 @@ def compare(base: dict, other: dict, *, resamples: int = 10000, seed: int = 0) -
         raise ValueError(f"{other['results']}: not the same cases, in the same order, as {base['results']}")
     rng = np.random.default_rng(seed)
     out = {"label": other["label"], "results": other["results"], "metrics": {}}
-    for m in METRICS:
+    for m in ALL_METRICS:
         pairs = [(a, b) for a, b in zip(base["post"][m], other["post"][m]) if a is not None and b is not None]
         if not pairs:
             out["metrics"][m] = None
@@ -85,7 +110,7 @@ def table(base: dict, comps: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for c in comps:
-        for m in METRICS:
+        for m in ALL_METRICS:
             s = c["metrics"][m]
             if s is None:
                 lines.append(f"| {c['label']} | {m} | – | – | – | – |")

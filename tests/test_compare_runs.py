@@ -33,6 +33,41 @@ def test_paired_difference_is_the_difference_of_the_run_metrics(path):
             assert s["better"] == s["worse"] == 0 and s["ci95"] == [0.0, 0.0] and s["sign_test_p"] == 1.0
 
 
+@pytest.mark.parametrize("path", [p for p in RUNS if p != BASE], ids=[p.stem for p in RUNS if p != BASE])
+def test_magnitudes_against_the_records_probabilities(path):
+    # Oracle: the field's EM / PM / NM recomputed here in fp64 from the logged log-probabilities
+    # (exp(logprob), not the records' p fields), paired over the cases.
+    def per_case(p):
+        out = {k: [] for k in compare_runs.MAGNITUDES}
+        for line in Path(compare_runs.records_path(str(p), json.loads(p.read_text()))).read_text().splitlines():
+            post = json.loads(line)["post"]
+            for k, (field, sign) in compare_runs.MAGNITUDES.items():
+                d = [sign * (math.exp(e["logprob_new"]) - math.exp(e["logprob_true"])) for e in post[field]]
+                out[k].append(sum(d) / len(d))
+        return out
+
+    base, other = per_case(BASE), per_case(path)
+    out = compare_runs.compare(compare_runs.load_cases(str(BASE)), compare_runs.load_cases(str(path)), resamples=200)
+    for k in compare_runs.MAGNITUDES:
+        want = 100.0 * sum(o - b for o, b in zip(other[k], base[k])) / len(base[k])
+        s = out["metrics"][k]
+        assert s["n"] == 1000 and s["diff"] == pytest.approx(want, abs=1e-6)
+        assert s["better"] == sum(o > b for o, b in zip(other[k], base[k]))
+
+
+def test_magnitude_closed_form():
+    post = {
+        "rewrite": [{"p_new": 0.9, "p_true": 0.1}],
+        "paraphrase": [{"p_new": 0.5, "p_true": 0.2}, {"p_new": 0.1, "p_true": 0.3}],
+        "neighborhood": [{"p_new": 0.2, "p_true": 0.6}, {"p_new": 0.0, "p_true": None}],
+    }
+    assert compare_runs.magnitude(post, "rewrite", 1.0) == pytest.approx(0.8)
+    assert compare_runs.magnitude(post, "paraphrase", 1.0) == pytest.approx(0.05)
+    assert compare_runs.magnitude(post, "neighborhood", -1.0) == pytest.approx(0.4)  # the None prompt is left out
+    assert compare_runs.magnitude({"rewrite": [{"p_new": 0.3}]}, "rewrite", 1.0) is None  # ZsRE: no P(true)
+    assert compare_runs.magnitude({}, "paraphrase", 1.0) is None
+
+
 def test_sign_test_closed_form():
     assert compare_runs.sign_test_p(0, 0) == 1.0
     assert compare_runs.sign_test_p(10, 0) == pytest.approx(2 / 2**10, rel=1e-12)
@@ -74,6 +109,7 @@ def test_constant_shift_and_missing_values(tmp_path, capsys):
     assert e["ci95"][0] < 25.0 < e["ci95"][1]
     s = out["metrics"]["specificity"]
     assert s["diff"] == 0.0 and s["sign_test_p"] == 1.0
+    assert out["metrics"]["efficacy_magnitude"] is None  # these records hold no probabilities
     assert compare_runs.main([a, b, "--resamples", "50"]) == 0
     assert "+25.00" in capsys.readouterr().out
 
