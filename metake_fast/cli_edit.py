@@ -214,13 +214,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{results['method']} on {results['model']}: {results['num_edits']} {results['dataset']} edits, batch {results['batch_size']}"
     )
-    print(f"{'':14} {'efficacy':>9} {'general.':>9} {'specif.':>9} {'fluency':>9}")
+    keys = ("efficacy", "generalization", "specificity", "fluency")
+    heads = ["efficacy", "general.", "specif.", "fluency"]
+    if any(results[n].get("efficacy_magnitude") is not None for n in ("metrics_pre", "metrics_post")):
+        keys += ("efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
+        heads += ["EM", "PM", "NM"]  # the field's magnitudes: mean P(new) - P(true), in points
+    print(f"{'':14} " + " ".join(f"{h:>9}" for h in heads))
     for name in ("metrics_pre", "metrics_post"):
         m = results[name]
-        cells = [
-            ("-" if m.get(k) is None else f"{m[k]:.2f}")
-            for k in ("efficacy", "generalization", "specificity", "fluency")
-        ]
+        cells = [("-" if m.get(k) is None else f"{m[k]:.2f}") for k in keys]
         print(f"{name[8:]:14} " + " ".join(f"{c:>9}" for c in cells))
     eps = "-" if t["edits_per_s"] is None else f"{t['edits_per_s']:.3f}"
     print(f"stats {t['stats_s']:.1f}s  edit {t['edit_s']:.1f}s ({eps} edits/s)  eval {t['eval_s']:.1f}s")

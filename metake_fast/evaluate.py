@@ -8,6 +8,10 @@ CounterFact (flat and full format)
     ``generalization``  the same on ``paraphrase_prompts``;
     ``specificity``     share of ``neighborhood_prompts`` where P(true) > P(new) with
                         true = ``neighborhood_true``.
+    ``efficacy_magnitude``, ``generalization_magnitude``, ``specificity_magnitude`` (ROME's
+    EM / PM / NM): the mean of P(new) − P(true) over the same prompts (P(true) − P(new) for
+    the neighbourhood), in points. A score flips on prompts whose two probabilities are both
+    tiny; the magnitude weighs each prompt by how far it moved.
     P(object | prompt) is the probability of the whole object string with a leading space
     (:func:`metake_fast.scoring.score_objects`); comparisons use log-probabilities.
     Cases without a true object (flat files without ``ground_truth``) have no efficacy /
@@ -76,7 +80,16 @@ __all__ = [
 ]
 
 #: Keys of every metrics dict (values may be ``None`` where not computed).
-METRIC_KEYS = ("efficacy", "generalization", "specificity", "fluency", "consistency")
+METRIC_KEYS = (
+    "efficacy", "generalization", "specificity", "fluency", "consistency",
+    "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude",
+)  # fmt: skip
+#: CounterFact magnitude metric -> the prompts it averages over
+MAGNITUDE_KEYS = {
+    "efficacy_magnitude": "rewrite",
+    "generalization_magnitude": "paraphrase",
+    "specificity_magnitude": "neighborhood",
+}
 
 
 class EvaluationError(ValueError):
@@ -87,9 +100,11 @@ class EvaluationError(ValueError):
 
 
 def record_metrics(records: Sequence[dict]) -> dict[str, float | None]:
-    """Efficacy, generalization and specificity in percent over per-request records (each the
-    mean of its own prompts); requests without prompts of a kind (``None``) are left out of it."""
-    return {key: _pct(_mean([r.get(key) for r in records])) for key in ("efficacy", "generalization", "specificity")}
+    """Efficacy, generalization, specificity and (CounterFact) their magnitudes in percent over
+    per-request records (each the mean of its own prompts); requests without prompts of a kind
+    (``None``) are left out of it."""
+    keys = ("efficacy", "generalization", "specificity", *MAGNITUDE_KEYS)
+    return {key: _pct(_mean([r.get(key) for r in records])) for key in keys}
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -312,6 +327,15 @@ def _eval_counterfact(model, tok, cases, idx, records, batch_size) -> None:
         r["efficacy"] = _mean([e["success"] for e in r["rewrite"]])
         r["generalization"] = _mean([e["success"] for e in r["paraphrase"]])
         r["specificity"] = _mean([e["success"] for e in r["neighborhood"]])
+        for key, kind in MAGNITUDE_KEYS.items():
+            sign = -1.0 if kind == "neighborhood" else 1.0
+            r[key] = _mean(
+                [
+                    sign * (e["p_new"] - e["p_true"])
+                    for e in r[kind]
+                    if e["p_new"] is not None and e["p_true"] is not None
+                ]
+            )
 
 
 def _eval_zsre(model, tok, cases, idx, records, batch_size, ref) -> None:

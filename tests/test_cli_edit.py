@@ -96,10 +96,12 @@ def test_evaluate_success(capsys, model_dir, files, tmp_path, method):
     for m in (res["metrics_pre"], res["metrics_post"]):
         for k in ("efficacy", "generalization", "specificity"):
             assert 0.0 <= m[k] <= 100.0
+        for k in ("efficacy_magnitude", "generalization_magnitude", "specificity_magnitude"):
+            assert -100.0 <= m[k] <= 100.0
     assert set(res["timing"]) >= {"stats_s", "edit_s", "eval_s", "edits_per_s"}
     lines = (tmp_path / "results.records.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    assert "efficacy" in out and "post" in out
+    assert "efficacy" in out and "post" in out and " EM " in out
 
 
 def test_evaluate_checkpoint_resume_and_mismatch(capsys, model_dir, files, tmp_path):
@@ -127,6 +129,7 @@ def test_evaluate_zsre(capsys, model_dir, files, tmp_path):
     assert rc == 0, err
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["dataset"] == "zsre" and res["metrics_pre"]["specificity"] == 100.0
+    assert res["metrics_post"]["efficacy_magnitude"] is None and " EM " not in out  # no P(true) in ZsRE
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1
 
 

@@ -107,6 +107,20 @@ def test_counterfact_full_metrics_match_score_objects(model_tok):
         model, tok, [p for p, _ in nn], [c.target_new for _, c in nn], [c.neighborhood_true for _, c in nn]
     )
     assert metrics["specificity"] == pytest.approx(100 * spec.mean().item())
+
+    # magnitudes (ROME's EM / PM / NM): mean P(new) - P(true), per case first (here every case has
+    # the same number of prompts of each kind, so macro = micro), in fp64 from the log-probs
+    def _margin(prompts, new, true):
+        lp_new = score_objects(model, tok, prompts, new).logprob.double()
+        lp_true = score_objects(model, tok, prompts, true).logprob.double()
+        return (lp_new.exp() - lp_true.exp()).mean().item()
+
+    em = _margin([c.request.text() for c in cases], [c.target_new for c in cases], [c.target_true for c in cases])
+    pm = _margin([p for p, _ in pp], [c.target_new for _, c in pp], [c.target_true for _, c in pp])
+    nm = -_margin([p for p, _ in nn], [c.target_new for _, c in nn], [c.neighborhood_true for _, c in nn])
+    assert metrics["efficacy_magnitude"] == pytest.approx(100 * em, abs=1e-4)
+    assert metrics["generalization_magnitude"] == pytest.approx(100 * pm, abs=1e-4)
+    assert metrics["specificity_magnitude"] == pytest.approx(100 * nm, abs=1e-4)
     assert metrics["fluency"] is None and metrics["consistency"] is None and metrics["n"] == 5
     # records: every probability, JSON-serialisable
     json.dumps(records, allow_nan=False)
@@ -176,6 +190,7 @@ def test_zsre_metrics(model_tok):
     assert metrics["generalization"] == pytest.approx(100 * sum(per_case) / 4)
     # no reference: no specificity; the argmax tokens match a plain forward
     assert metrics["specificity"] is None
+    assert all(metrics[k] is None for k in ("efficacy_magnitude", "generalization_magnitude", "specificity_magnitude"))
     for c, r in zip(cases, records):
         assert r["loc"][0]["argmax_tokens"] == _direct_argmax(model, tok, c.loc_prompts[0], c.loc_answers[0])
     json.dumps(records, allow_nan=False)
