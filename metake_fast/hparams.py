@@ -106,6 +106,8 @@ class MetaKEHParams(AlphaEditHParams):
     outer_kl: include the essence KL term in F.
     gate_layers: ``"last"`` (the adopted proxy), ``"product"`` (product of per-layer gates) or
         ``"spread"`` (the gate of MEMIT's residual spreading over the layers; see :mod:`metake_fast.metake`).
+        The default is the adopted ``"last"``; the shipped SmolLM2 file sets ``"spread"``, whose proxy
+        keeps its agreement with the exact gradient in long sequential runs (docs/RESULTS.md).
     outer_clamp_norm_factor: ``‖R_i‖ ≤ c·‖h_i‖`` during the outer loop.
     base_solver: ``"alphaedit"`` or ``"memit"`` for the gate and the final write.
     safeguard / safeguard_margin: after the write, score each request on its own rewrite prompt
