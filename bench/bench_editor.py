@@ -51,7 +51,7 @@ from reference_flow import reference_flow_edit  # noqa: E402
 from metake_fast.context import context_templates  # noqa: E402
 from metake_fast.datasets import load_requests  # noqa: E402
 from metake_fast.editor import Editor  # noqa: E402
-from metake_fast.hparams import load_hparams  # noqa: E402
+from metake_fast.hparams import load_hparams, to_dict  # noqa: E402
 from metake_fast.models import get_adapter, load_model, parse_dtype, resolve_model_path  # noqa: E402
 from metake_fast.runner import encode_target, subject_last_index  # noqa: E402
 from metake_fast.scoring import score_objects  # noqa: E402
@@ -436,8 +436,7 @@ def main(argv=None) -> int:
                         "efficacy": q["efficacy"], "mean_p_new": q["mean_p_new"], "mean_p_true": q["mean_p_true"],
                         "target_steps_mean": sum(steps) / len(steps) if steps else None,
                         "flop_floor": floors, "floor_fraction_of_peak": frac, "peak_flops": peak,
-                        "stats_tokens": tokens_used, "hparams": {k: getattr(hp, k) for k in (
-                            "v_num_grad_steps", "v_lr", "kl_factor", "context_template_count")},
+                        "stats_tokens": tokens_used, "hparams": to_dict(hp), "set": dict(overrides),
                         "commit": commit(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     })  # fmt: skip
                     print_row(rows[-1])

@@ -26,7 +26,7 @@ FIELDS = {
     "bench", "model", "config", "device", "device_name", "dtype", "shapes", "n", "batch_size", "method", "provider",
     "seconds", "editing_s", "edits_per_s", "edits_per_s_with_stats", "peak_mem_mb", "mem_kind", "efficacy",
     "mean_p_new", "mean_p_true", "target_steps_mean", "flop_floor", "floor_fraction_of_peak", "peak_flops",
-    "stats_tokens", "hparams", "commit", "torch", "date",
+    "stats_tokens", "hparams", "set", "commit", "torch", "date",
 }  # fmt: skip
 
 
@@ -46,6 +46,8 @@ def test_quick_run_writes_json_lines(tmp_path):
         assert FIELDS <= set(r), FIELDS - set(r)
         assert set(r["seconds"]) == {"stats", "prep", "keys", "targets", "solve", "apply"}
         assert r["n"] == 2 and r["batch_size"] == 1
+        assert r["hparams"]["method"] == r["method"] and r["hparams"]["v_num_grad_steps"] == 2  # --quick's override
+        assert r["set"]["v_num_grad_steps"] == 2
         assert r["edits_per_s"] > 0 and r["editing_s"] > 0 and r["peak_mem_mb"] > 0
         assert 0.0 <= r["efficacy"] <= 1.0 and 0.0 <= r["mean_p_new"] <= 1.0
         assert set(r["flop_floor"]) == {"stats", "keys", "targets", "solve", "apply"}
