@@ -28,24 +28,10 @@ import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import numpy as np
 from results_by_batch import records_path
 
+from metake_fast.evaluate import MAGNITUDE_KEYS, record_magnitudes
+
 METRICS = ("efficacy", "generalization", "specificity")
-# magnitude metric -> (record field with the prompts, +1 if P(new) should exceed P(true))
-MAGNITUDES = {
-    "efficacy_magnitude": ("rewrite", 1.0),
-    "generalization_magnitude": ("paraphrase", 1.0),
-    "specificity_magnitude": ("neighborhood", -1.0),
-}
-ALL_METRICS = METRICS + tuple(MAGNITUDES)
-
-
-def magnitude(post: dict, field: str, sign: float) -> float | None:
-    """Mean of ``sign·(P(new) − P(true))`` over the prompts of ``post[field]`` (None without them)."""
-    vals = [
-        sign * (float(e["p_new"]) - float(e["p_true"]))
-        for e in post.get(field) or []
-        if e.get("p_new") is not None and e.get("p_true") is not None
-    ]
-    return sum(vals) / len(vals) if vals else None
+ALL_METRICS = METRICS + tuple(MAGNITUDE_KEYS)
 
 
 def load_cases(results_path: str) -> dict:
@@ -60,8 +46,9 @@ def load_cases(results_path: str) -> dict:
             for m in METRICS:
                 v = r["post"].get(m)
                 post[m].append(None if v is None else float(v))
-            for m, (field, sign) in MAGNITUDES.items():
-                post[m].append(magnitude(r["post"], field, sign))
+            # computed again from the prompts: records written before the magnitudes existed lack them
+            for m, v in record_magnitudes(r["post"]).items():
+                post[m].append(v)
     name = os.path.splitext(os.path.basename(results_path))[0]
     label = name + (f" ({res['commit']})" if res.get("commit") else "")
     return {"label": label, "results": results_path, "case_ids": ids, "post": post}

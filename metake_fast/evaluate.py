@@ -73,6 +73,7 @@ __all__ = [
     "METRIC_KEYS",
     "evaluate_cases",
     "generate_greedy",
+    "record_magnitudes",
     "ngram_entropy",
     "results_records_path",
     "run_evaluation",
@@ -105,6 +106,22 @@ def record_metrics(records: Sequence[dict]) -> dict[str, float | None]:
     (``None``) are left out of it."""
     keys = ("efficacy", "generalization", "specificity", *MAGNITUDE_KEYS)
     return {key: _pct(_mean([r.get(key) for r in records])) for key in keys}
+
+
+def record_magnitudes(record: dict) -> dict[str, float | None]:
+    """EM / PM / NM of one CounterFact record (fractions, not percent) from its prompts' P(new),
+    P(true): the mean of P(new) − P(true) (P(true) − P(new) on the neighbourhood); ``None`` for a
+    kind without prompts that have both (ZsRE records have no P(true))."""
+    out = {}
+    for key, kind in MAGNITUDE_KEYS.items():
+        sign = -1.0 if kind == "neighborhood" else 1.0
+        vals = [
+            sign * (float(e["p_new"]) - float(e["p_true"]))
+            for e in record.get(kind) or []
+            if e.get("p_new") is not None and e.get("p_true") is not None
+        ]
+        out[key] = _mean(vals)
+    return out
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -327,15 +344,7 @@ def _eval_counterfact(model, tok, cases, idx, records, batch_size) -> None:
         r["efficacy"] = _mean([e["success"] for e in r["rewrite"]])
         r["generalization"] = _mean([e["success"] for e in r["paraphrase"]])
         r["specificity"] = _mean([e["success"] for e in r["neighborhood"]])
-        for key, kind in MAGNITUDE_KEYS.items():
-            sign = -1.0 if kind == "neighborhood" else 1.0
-            r[key] = _mean(
-                [
-                    sign * (e["p_new"] - e["p_true"])
-                    for e in r[kind]
-                    if e["p_new"] is not None and e["p_true"] is not None
-                ]
-            )
+        r.update(record_magnitudes(r))
 
 
 def _eval_zsre(model, tok, cases, idx, records, batch_size, ref) -> None:

@@ -38,17 +38,18 @@ def test_magnitudes_against_the_records_probabilities(path):
     # Oracle: the field's EM / PM / NM recomputed here in fp64 from the logged log-probabilities
     # (exp(logprob), not the records' p fields), paired over the cases.
     def per_case(p):
-        out = {k: [] for k in compare_runs.MAGNITUDES}
+        out = {k: [] for k in compare_runs.MAGNITUDE_KEYS}
         for line in Path(compare_runs.records_path(str(p), json.loads(p.read_text()))).read_text().splitlines():
             post = json.loads(line)["post"]
-            for k, (field, sign) in compare_runs.MAGNITUDES.items():
+            for k, field in compare_runs.MAGNITUDE_KEYS.items():
+                sign = -1.0 if field == "neighborhood" else 1.0
                 d = [sign * (math.exp(e["logprob_new"]) - math.exp(e["logprob_true"])) for e in post[field]]
                 out[k].append(sum(d) / len(d))
         return out
 
     base, other = per_case(BASE), per_case(path)
     out = compare_runs.compare(compare_runs.load_cases(str(BASE)), compare_runs.load_cases(str(path)), resamples=200)
-    for k in compare_runs.MAGNITUDES:
+    for k in compare_runs.MAGNITUDE_KEYS:
         want = 100.0 * sum(o - b for o, b in zip(other[k], base[k])) / len(base[k])
         s = out["metrics"][k]
         assert s["n"] == 1000 and s["diff"] == pytest.approx(want, abs=1e-6)
@@ -61,11 +62,12 @@ def test_magnitude_closed_form():
         "paraphrase": [{"p_new": 0.5, "p_true": 0.2}, {"p_new": 0.1, "p_true": 0.3}],
         "neighborhood": [{"p_new": 0.2, "p_true": 0.6}, {"p_new": 0.0, "p_true": None}],
     }
-    assert compare_runs.magnitude(post, "rewrite", 1.0) == pytest.approx(0.8)
-    assert compare_runs.magnitude(post, "paraphrase", 1.0) == pytest.approx(0.05)
-    assert compare_runs.magnitude(post, "neighborhood", -1.0) == pytest.approx(0.4)  # the None prompt is left out
-    assert compare_runs.magnitude({"rewrite": [{"p_new": 0.3}]}, "rewrite", 1.0) is None  # ZsRE: no P(true)
-    assert compare_runs.magnitude({}, "paraphrase", 1.0) is None
+    m = compare_runs.record_magnitudes(post)
+    assert m["efficacy_magnitude"] == pytest.approx(0.8)
+    assert m["generalization_magnitude"] == pytest.approx(0.05)
+    assert m["specificity_magnitude"] == pytest.approx(0.4)  # the None prompt is left out
+    z = compare_runs.record_magnitudes({"rewrite": [{"p_new": 0.3}]})  # ZsRE: no P(true)
+    assert z == {"efficacy_magnitude": None, "generalization_magnitude": None, "specificity_magnitude": None}
 
 
 def test_sign_test_closed_form():
