@@ -157,12 +157,19 @@ def _run_stats(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _quiet_transformers(args.verbose)
     rank, world = _init_distributed(device)
+    ok = False
     try:
-        return _stats_pass(args, corpus, cache, device, rank, world)
+        rc = _stats_pass(args, corpus, cache, device, rank, world)
+        ok = True
+        return rc
     finally:
         if world > 1:
             import torch.distributed as dist
 
+            if ok:
+                # Every rank leaves together: a rank that tears gloo down while its peer is
+                # still printing can abort in gloo's transport threads.
+                dist.barrier()
             dist.destroy_process_group()
 
 

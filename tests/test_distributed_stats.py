@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,11 @@ def _env():
     return env
 
 
+def _gloo_teardown_abort(run) -> bool:
+    """A rank died in C++ (std::terminate with no exception in flight), not in Python code."""
+    return "terminate called without an active exception" in run.stderr and "(SIGABRT)" in run.stderr
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
@@ -54,6 +60,12 @@ def test_torchrun_two_gloo_ranks_equal_one_process(setup, stats_dtype):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "metake_fast", "stats", *args]  # fmt: skip
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and _gloo_teardown_abort(run):
+        # A rare abort inside gloo's own C++ threads (seen once in CI, on a loaded machine),
+        # not a Python error of ours. Rerun once from scratch; a second abort, or any other
+        # failure, fails the test.
+        shutil.rmtree(cache, ignore_errors=True)
+        run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "data-parallel over 2 ranks" in run.stdout and run.stdout.count("computed-distributed") == 2
 
