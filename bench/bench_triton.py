@@ -38,19 +38,12 @@ SMOKE = {"tiny": (40, 24, 300)}
 
 
 def _kernels_package():
-    """``metake_fast.kernels``, from the source tree when the package is not installed."""
+    """``metake_fast.kernels``, installed or from the source tree."""
     if importlib.util.find_spec("metake_fast") is None:
         sys.path.insert(0, str(ROOT))
-    try:
-        return importlib.import_module("metake_fast.kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "metake_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["metake_fast.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    from metake_fast.ops.backends import kernels_package
+
+    return kernels_package()
 
 
 def _git_commit() -> str | None:

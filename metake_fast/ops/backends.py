@@ -19,6 +19,43 @@ log = logging.getLogger("metake_fast")
 _STATE = {"loaded": False, "cpp": None, "triton": None}
 
 
+def kernels_package():
+    """``metake_fast.kernels`` (importing it never imports Triton).
+
+    Installed, it is a subpackage. In a source checkout used in place
+    (``PYTHONPATH=.`` after ``setup.py build_ext --inplace``) it lives in the
+    top-level ``kernels/`` beside the package; it is loaded from there under the
+    same name, so the CUDA key gets the Triton kernels either way.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    try:
+        return importlib.import_module("metake_fast.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "metake_fast.kernels":
+            raise
+    src = Path(__file__).resolve().parents[2] / "kernels"
+    if not (src / "__init__.py").is_file():
+        raise ModuleNotFoundError("metake_fast.kernels is not installed and no source tree kernels/ was found")
+    spec = importlib.util.spec_from_file_location(
+        "metake_fast.kernels", src / "__init__.py", submodule_search_locations=[str(src)]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["metake_fast.kernels"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop("metake_fast.kernels", None)
+        raise
+    import metake_fast
+
+    metake_fast.kernels = mod
+    return mod
+
+
 def load_backends() -> dict:
     if _STATE["loaded"]:
         return _STATE
@@ -36,9 +73,7 @@ def load_backends() -> dict:
         _STATE["cpp"] = f"not built ({exc})"
     if torch.version.cuda is not None:
         try:
-            from metake_fast.kernels import register_triton_kernels
-
-            register_triton_kernels()
+            kernels_package().register_triton_kernels()
             _STATE["triton"] = "registered for CUDA"
         except Exception as exc:  # triton missing or too old: keep the other kernels
             _STATE["triton"] = f"unavailable ({type(exc).__name__}: {exc})"
