@@ -48,6 +48,9 @@ def device_name(dev: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
+    if os.environ.get("METAKE_FAST_COMMIT"):
+        return os.environ["METAKE_FAST_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10

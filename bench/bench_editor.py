@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -73,6 +74,9 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------- helpers
 def commit() -> str:
+    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
+    if os.environ.get("METAKE_FAST_COMMIT"):
+        return os.environ["METAKE_FAST_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10

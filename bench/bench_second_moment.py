@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -130,6 +131,9 @@ def slice_texts(tokenizer, tokens: int) -> list[str]:
 
 
 def commit() -> str:
+    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
+    if os.environ.get("METAKE_FAST_COMMIT"):
+        return os.environ["METAKE_FAST_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True

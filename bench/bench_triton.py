@@ -47,6 +47,9 @@ def _kernels_package():
 
 
 def _git_commit() -> str | None:
+    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
+    if os.environ.get("METAKE_FAST_COMMIT"):
+        return os.environ["METAKE_FAST_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10

@@ -55,7 +55,9 @@ PY
 export MAX_JOBS="${MAX_JOBS:-16}" METAKE_FAST_CUDA_ARCHS="${METAKE_FAST_CUDA_ARCHS:-90}"
 run build 240 "$PY" setup.py build_ext --inplace
 "$PY" -c "import metake_fast; print(metake_fast.format_backends())" 2>&1 | tee "$DIR/backends.txt"
-run tests_gpu 150 "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" \
+# pytest-xdist, when installed, isolates a crashing test (its worker is replaced) so every result is reported
+XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+run tests_gpu 150 "$PY" -m pytest -q -rfEs --tb=short "${XDIST[@]}" -p no:cacheprovider -m "not slow" \
   tests/test_ops_cuda.py tests/test_editor_cuda.py tests/test_op_gated_delta_inject.py tests/test_extension.py
 run bench_triton 60 "$PY" bench/bench_triton.py
 TOK="${GPU_CHECK_TOKENIZER:-default}"

@@ -181,7 +181,20 @@ def _supported(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, accumulate: bool) -> None:
-    """``C (+)= A @ B`` for strided 2-D views (fp32 math)."""
+    """``C (+)= A @ B`` for strided 2-D views (fp32 math, one rounding into ``C``).
+
+    On a GPU this is cuBLAS on fp32 operands, the reference's own arithmetic: the
+    IEEE-fp32 Triton GEMM below (no tensor cores, a long K loop in few programs)
+    made the backward 40-90x slower than the reference on an H100
+    (``bench/bench_triton.py``, 2026-11-27). The Triton GEMM still serves the
+    interpreter, where the tests check it.
+    """
+    if not interpreting():
+        prod = A.to(torch.float32) @ B.to(torch.float32)
+        if accumulate:
+            prod += C
+        C.copy_(prod)
+        return
     M, K = A.shape
     N = B.shape[1]
     big = not interpreting()

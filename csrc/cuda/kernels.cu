@@ -58,6 +58,23 @@ __device__ inline w_t add_round(w_t w, double delta) {
   return Conv<w_t>::stored(Conv<w_t>::loadd(w) + delta);
 }
 
+// Round-to-nearest adds that the compiler may neither contract nor reassociate
+// (the build uses --use_fast_math), for compensated sums.
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ inline float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ inline double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+// s += p with Kahan compensation c: the error of a sum over n rows stays O(eps)
+// instead of growing with n (one row per step, no split over rows).
+template <typename acc_t>
+__device__ inline void kahan_add(acc_t& s, acc_t& c, acc_t p) {
+  const acc_t y = sub_rn(p, c);
+  const acc_t t = add_rn(s, y);
+  c = sub_rn(sub_rn(t, s), y);
+  s = t;
+}
+
 template <typename acc_t>
 __global__ void second_moment_kernel(acc_t* __restrict__ S, const acc_t* __restrict__ X, int64_t n, int64_t d) {
   // linear block id -> lower-triangle tile (bi, bj), bj <= bi
@@ -71,6 +88,7 @@ __global__ void second_moment_kernel(acc_t* __restrict__ S, const acc_t* __restr
   __shared__ acc_t Bs[kTK][kTile];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreads + tx;
   acc_t acc[2][2] = {{0, 0}, {0, 0}};
+  acc_t comp[2][2] = {{0, 0}, {0, 0}};  // Kahan compensation of acc
   for (int64_t k0 = 0; k0 < n; k0 += kTK) {
     for (int e = tid; e < kTK * kTile; e += kThreads * kThreads) {
       const int kk = e / kTile, cc = e % kTile;  // coalesced along columns of X
@@ -83,10 +101,10 @@ __global__ void second_moment_kernel(acc_t* __restrict__ S, const acc_t* __restr
     for (int kk = 0; kk < kTK; ++kk) {
       const acc_t a0 = As[kk][ty], a1 = As[kk][ty + kThreads];
       const acc_t b0 = Bs[kk][tx], b1 = Bs[kk][tx + kThreads];
-      acc[0][0] += a0 * b0;
-      acc[0][1] += a0 * b1;
-      acc[1][0] += a1 * b0;
-      acc[1][1] += a1 * b1;
+      kahan_add(acc[0][0], comp[0][0], a0 * b0);
+      kahan_add(acc[0][1], comp[0][1], a0 * b1);
+      kahan_add(acc[1][0], comp[1][0], a1 * b0);
+      kahan_add(acc[1][1], comp[1][1], a1 * b1);
     }
     __syncthreads();
   }
@@ -95,6 +113,7 @@ __global__ void second_moment_kernel(acc_t* __restrict__ S, const acc_t* __restr
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
       const int64_t i = r0 + ty + a * kThreads, j = c0 + tx + b * kThreads;
+      acc[a][b] = sub_rn(acc[a][b], comp[a][b]);
       if (i < d && j < d) {
         S[i * d + j] += acc[a][b];
         if (bi != bj) S[j * d + i] += acc[a][b];  // mirrored tile has no other writer
