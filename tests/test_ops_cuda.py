@@ -70,6 +70,52 @@ def test_backends_resolved():
     for name in ("second_moment_accumulate", "apply_update_", "fused_target_logprob", "gated_delta_inject"):
         if have_triton:
             assert rows[name]["cuda"] != "reference (PyTorch)", (name, rows[name])
+    if have_triton:
+        from metake_fast.ops.backends import kernels_package
+
+        for name in kernels_package().OVERRIDE_EXTENSION:
+            assert rows[name]["cuda"] == "Triton", (name, rows[name])
+
+
+@pytest.fixture
+def extension_only():
+    """The C++/CUDA extension's kernels alone on ``CUDA`` (the Triton registrations dropped, then restored)."""
+    try:
+        from metake_fast import _C
+    except ImportError:
+        pytest.skip("C++ extension not built")
+    if not _C.with_cuda:
+        pytest.skip("C++ extension built without CUDA")
+    from metake_fast.ops.backends import kernels_package
+
+    try:
+        k = kernels_package()
+    except ImportError:
+        k = None
+    lib = None if k is None else k._LIB
+    if lib is not None:
+        lib._destroy()
+        k._LIB = None
+    yield
+    if lib is not None:
+        k.register_triton_kernels()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", [(13, 7), (300, 129), (4096, 576)])
+def test_extension_second_moment_accumulate(extension_only, dtype, n, d):
+    """The extension's CUDA kernel (what serves the op when Triton is absent) against fp64."""
+    g = _gen(n + 3 * d)
+    X = torch.randn(n, d, generator=g).to(dtype)
+    mask = torch.rand(n, generator=g) > 0.3
+    S0 = torch.randn(d, d, generator=g)
+    S0 = S0 + S0.T
+    Xk = X.double()[mask]
+    S64 = S0.double() + Xk.T @ Xk
+    S, S_ref = S0.to(DEV), S0.to(DEV)
+    OPS.second_moment_accumulate(S, X.to(DEV), mask.to(DEV))
+    second_moment_accumulate_reference(S_ref, X.to(DEV), mask.to(DEV))
+    assert_close_as_reference(S, S_ref, S64, f"extension S {dtype} n={n} d={d}")
 
 
 # ---------------------------------------------------------------------------------------- second moment
