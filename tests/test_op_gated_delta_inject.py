@@ -159,3 +159,22 @@ def test_cuda_matches_fp64(dtype, shape, repeat):
     for r, c, o in zip(args[3].tolist(), args[4].tolist(), args[5].tolist()):
         S[o] += w[r, c]
     torch.testing.assert_close(g.cpu().double(), args[2].double() @ S, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_public_api_rejects_out_of_range_indices(gated):
+    """The public op validates CPU index ranges in Python, before any kernel runs (a message, never a crash)."""
+    hidden, delta, gate, rows, cols, owner = problem(2, 3, 4, 2, 2, 2, torch.float32, gated=gated)
+    before = hidden.clone()
+    for bad, what in (
+        ((rows + 2, cols, owner), "rows"),
+        ((rows, cols - 5, owner), "cols"),
+        ((rows, cols, owner + 2), "owner"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            metake_fast.ops.gated_delta_inject(hidden, delta, *bad, gate=gate)
+        with pytest.raises(ValueError, match=what):
+            mod.inject_reference(hidden, delta, gate, *bad)
+    assert torch.equal(hidden, before)
+    out = metake_fast.ops.gated_delta_inject(hidden, delta, rows, cols, owner, gate=gate)  # in range: fine
+    torch.testing.assert_close(out, mod.inject_reference(hidden, delta, gate, rows, cols, owner))

@@ -55,6 +55,14 @@ def check_inputs(hidden, delta, gate, rows, cols, owner) -> None:
             raise ValueError(f"{name} must be a 1-D int64 tensor")
     if not rows.shape[0] == cols.shape[0] == owner.shape[0]:
         raise ValueError("rows, cols and owner must have the same length")
+    if rows.numel() and rows.device.type == "cpu" and cols.device.type == "cpu" and owner.device.type == "cpu":
+        # Index ranges, checked here for CPU indices (free: no device sync). CUDA indices are
+        # not checked (that would synchronise every call); the editor builds them itself.
+        u_out = gate.shape[1] if gate is not None else delta.shape[0]
+        for name, t, hi in (("rows", rows, hidden.shape[0]), ("cols", cols, hidden.shape[1]), ("owner", owner, u_out)):
+            lo_v, hi_v = int(t.min()), int(t.max())
+            if lo_v < 0 or hi_v >= hi:
+                raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
 
 
 def math_dtype(delta: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
