@@ -444,15 +444,18 @@ def main(argv=None) -> int:
                         "commit": commit(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     })  # fmt: skip
                     print_row(rows[-1])
+                    append_row(args.out, rows[-1])  # now: a run cut short keeps the rows it finished
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
     print(f"appended {len(rows)} rows to {args.out}")
     plot(rows, args.plot)
     tmp.cleanup()
     return 0
+
+
+def append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def print_row(r: dict) -> None:

@@ -61,7 +61,7 @@ run tests_gpu 150 "$PY" -m pytest -q -rfEs --tb=short "${XDIST[@]}" -p no:cachep
   tests/test_ops_cuda.py tests/test_editor_cuda.py tests/test_op_gated_delta_inject.py tests/test_extension.py
 run bench_triton 60 "$PY" bench/bench_triton.py
 TOK="${GPU_CHECK_TOKENIZER:-default}"
-run bench_editor 240 "$PY" bench/bench_editor.py --config llama3-8b --tokenizer "$TOK" --dtype bf16 --device cuda \
+run bench_editor 300 "$PY" bench/bench_editor.py --config llama3-8b --tokenizer "$TOK" --dtype bf16 --device cuda \
   --n "${GPU_CHECK_EDITOR_N:-100}" --batch-size "${GPU_CHECK_EDITOR_B:-100}" --methods alphaedit,metake \
   --providers metake_fast
 for op in second_moment_accumulate apply_update fused_target_logprob gated_delta_inject; do
