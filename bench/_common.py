@@ -100,13 +100,19 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def cpp_available(op: str, dev: torch.device) -> bool:
-    try:
-        from metake_fast import _C
-    except ImportError:
-        return False
-    key = "CUDA" if dev.type == "cuda" else "CPU"
-    return (op, key) in {(o, k) for o, k, _ in _C.registered_kernels()}
+def compiled_provider(op: str, dev: torch.device) -> str | None:
+    """The compiled kernel that serves ``op`` through the dispatcher on ``dev``'s type, as a
+    table label ("C++ extension", "CUDA extension" or "Triton"); None when the reference does."""
+    from metake_fast.ops import resolved_backends
+
+    p = resolved_backends().get(op, {}).get("cuda" if dev.type == "cuda" else "cpu", "")
+    if not p or p.startswith("reference"):
+        return None
+    if p.startswith("C++"):
+        return "C++ extension"
+    if p.startswith("CUDA"):
+        return "CUDA extension"
+    return p.split(" (")[0]
 
 
 def report(

@@ -33,8 +33,10 @@ def main() -> None:
                 if not args.no_compile:
                     cref = C.compiled(ref)
                     fns["reference (compile)"] = lambda: cref(S, X, mask)
-                if C.cpp_available(OP, dev):
-                    fns["C++ extension"] = lambda: torch.ops.metake_fast.second_moment_accumulate(S, X, mask)
+                if C.compiled_provider(OP, dev):
+                    fns[C.compiled_provider(OP, dev)] = lambda: torch.ops.metake_fast.second_moment_accumulate(
+                        S, X, mask
+                    )
                 t = C.time_providers(fns, dev, reps=reps)
                 kept = int(mask.sum())
                 nbytes = n * d * X.element_size() + 2 * d * d * 4
