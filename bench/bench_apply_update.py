@@ -33,8 +33,8 @@ def main() -> None:
                 if not args.no_compile:
                     cref = C.compiled(ref)
                     fns["reference (compile)"] = lambda: cref(W, R, Y, transposed)
-                if C.compiled_provider(OP, dev):
-                    fns[C.compiled_provider(OP, dev)] = lambda: torch.ops.metake_fast.apply_update_(W, R, Y, transposed)
+                if label := C.compiled_provider(OP, dev):
+                    fns[label] = lambda: torch.ops.metake_fast.apply_update_(W, R, Y, transposed)
                 t = C.time_providers(fns, dev, reps=reps)
                 nbytes = 2 * W.numel() * W.element_size() + (R.numel() + Y.numel()) * 4
                 shape = {"model": model["name"], "d_v": d_v, "d_k": d_k, "u": u, "transposed": transposed}

@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,15 +72,9 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------- helpers
 def commit() -> str:
-    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
-    if os.environ.get("METAKE_FAST_COMMIT"):
-        return os.environ["METAKE_FAST_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    from _common import git_commit  # bench/ is the script's directory
+
+    return git_commit()
 
 
 def sync(dev: torch.device) -> None:

@@ -37,10 +37,8 @@ def main() -> None:
                 if not args.no_compile:
                     cref = C.compiled(mod.target_logprob_reference)
                     fns["reference (compile)"] = lambda: cref(h, w, t, chunk)
-                if C.compiled_provider(OP, dev):
-                    fns[C.compiled_provider(OP, dev)] = lambda: torch.ops.metake_fast.fused_target_logprob(
-                        h, w, t, chunk
-                    )
+                if label := C.compiled_provider(OP, dev):
+                    fns[label] = lambda: torch.ops.metake_fast.fused_target_logprob(h, w, t, chunk)
                 tm = C.time_providers(fns, dev, reps=reps)
                 shape = {"model": model["name"], "n": n, "d": d, "V": V, "chunk": chunk}
                 nbytes = V * d * w.element_size() + n * d * h.element_size()
@@ -50,10 +48,8 @@ def main() -> None:
                     lse = mod.target_logprob_reference(h, w, t, chunk)[1]
                     bargs = (g, h, w, t, lse, chunk, True)
                     fns = {"reference (eager)": lambda: mod.target_logprob_backward_reference(*bargs)}
-                    if C.compiled_provider(OP + "_backward", dev):
-                        fns[C.compiled_provider(OP + "_backward", dev)] = lambda: (
-                            torch.ops.metake_fast.fused_target_logprob_backward(*bargs)
-                        )
+                    if label := C.compiled_provider(OP + "_backward", dev):
+                        fns[label] = lambda: torch.ops.metake_fast.fused_target_logprob_backward(*bargs)
                     tm = C.time_providers(fns, dev, reps=reps)
                     C.report(
                         OP + "_backward", shape, dtype, dev, tm, 2 * nbytes, 6.0 * n * V * d, save=not args.no_save

@@ -54,10 +54,8 @@ def main() -> None:
             if not args.no_compile:
                 cref = C.compiled(ref)
                 fns["reference (compile)"] = lambda: cref(hidden, R, G, rows, cols, owner)
-            if C.compiled_provider(OP, dev):
-                fns[C.compiled_provider(OP, dev)] = lambda: torch.ops.metake_fast.gated_delta_inject(
-                    hidden, R, G, rows, cols, owner
-                )
+            if label := C.compiled_provider(OP, dev):
+                fns[label] = lambda: torch.ops.metake_fast.gated_delta_inject(hidden, R, G, rows, cols, owner)
             if triton_fn is not None:
                 fns["Triton"] = lambda: triton_fn(hidden, R, G, rows, cols, owner)
             t = C.time_providers(fns, dev, reps=reps)

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,15 +129,9 @@ def slice_texts(tokenizer, tokens: int) -> list[str]:
 
 
 def commit() -> str:
-    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
-    if os.environ.get("METAKE_FAST_COMMIT"):
-        return os.environ["METAKE_FAST_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from _common import git_commit  # bench/ is the script's directory
+
+    return git_commit()
 
 
 def main(argv=None) -> int:

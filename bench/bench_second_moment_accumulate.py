@@ -33,10 +33,8 @@ def main() -> None:
                 if not args.no_compile:
                     cref = C.compiled(ref)
                     fns["reference (compile)"] = lambda: cref(S, X, mask)
-                if C.compiled_provider(OP, dev):
-                    fns[C.compiled_provider(OP, dev)] = lambda: torch.ops.metake_fast.second_moment_accumulate(
-                        S, X, mask
-                    )
+                if label := C.compiled_provider(OP, dev):
+                    fns[label] = lambda: torch.ops.metake_fast.second_moment_accumulate(S, X, mask)
                 t = C.time_providers(fns, dev, reps=reps)
                 kept = int(mask.sum())
                 nbytes = n * d * X.element_size() + 2 * d * d * 4

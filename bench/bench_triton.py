@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,17 +45,10 @@ def _kernels_package():
     return kernels_package()
 
 
-def _git_commit() -> str | None:
-    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
-    if os.environ.get("METAKE_FAST_COMMIT"):
-        return os.environ["METAKE_FAST_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
-    except Exception:
-        return None
+def _git_commit() -> str:
+    from _common import git_commit  # bench/ is the script's directory
+
+    return git_commit()
 
 
 def _timer(device):

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -55,10 +53,9 @@ def main(argv=None) -> int:
     reqs = [c.request for c in load_dataset(args.data, n=args.start + args.n)][args.start :]
     if len(reqs) < args.n:
         p.error(f"{args.data} has fewer than {args.start + args.n} records")
-    commit = (
-        os.environ.get("METAKE_FAST_COMMIT")
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
+    from _common import git_commit  # bench/ is the script's directory
+
+    commit = git_commit()
     rows = []
     # One editor for every gate: the gate enters only the proxy, not the targets or the exact gradient.
     over = {}
