@@ -47,6 +47,9 @@ def main(argv=None) -> int:
         "--hparams", default=None, help="hparams file (with --checkpoint: that run's; default: the shipped one)"
     )
     p.add_argument("--start", type=int, default=0, help="first request (with --checkpoint: the run's edits)")
+    p.add_argument(
+        "--gate-keys", default="mean", help="comma-separated gate_keys values: mean, instance (per-prompt gate)"
+    )
     args = p.parse_args(argv)
     if args.checkpoint and (args.stats_tokens or args.steps is not None):
         p.error("--stats-tokens and --steps change the run's settings; a checkpoint loads only into its own")
@@ -79,20 +82,24 @@ def main(argv=None) -> int:
     tres = optimize_targets(ed.model, ed.tok, ed.adapter, reqs, ed.layers[-1], tpl, ed._target_config(),
                             progress=False)  # fmt: skip
     targets_s = time.perf_counter() - t0
-    for gate in gates.split(","):
+    combos = [(g, k) for g in gates.split(",") for k in args.gate_keys.split(",")]
+    for gate, keys in combos:
+        if gate == "product" and keys == "instance":
+            continue  # not defined (hparams reject it)
         try:
-            ed.hparams = validate_hparams(dataclasses.replace(ed.hparams, gate_layers=gate))
+            ed.hparams = validate_hparams(dataclasses.replace(ed.hparams, gate_layers=gate, gate_keys=keys))
         except HParamsError as exc:
-            p.error(f"--gates {gate}: {exc}")
+            p.error(f"--gates {gate} --gate-keys {keys}: {exc}")
         t0 = time.perf_counter()
         res = proxy_gradient_cosine(ed, reqs, tpl, tres)
         row = {"model": args.model, "n": args.n, "start": args.start, "checkpoint": args.checkpoint,
-               "hparams": args.hparams, "history": len(ed.history), "gate_layers": gate, "layers": ed.layers,
-               "commit": commit,
+               "hparams": args.hparams, "history": len(ed.history), "gate_layers": gate, "gate_keys": keys,
+               "layers": ed.layers, "commit": commit,
                "targets_s": targets_s, "seconds": time.perf_counter() - t0, **res}  # fmt: skip
         rows.append(row)
         print(
-            f"{gate:8s} cosine {res['cosine']:+.3f}  |proxy| {res['norm_proxy']:.4f}  |exact| {res['norm_exact']:.4f}"
+            f"{gate:8s} {keys:8s} cosine {res['cosine']:+.3f}  |proxy| {res['norm_proxy']:.4f}"
+            f"  |exact| {res['norm_exact']:.4f}"
             f"  gate eigenvalues {min(res['gate_eigenvalues']):.3f}..{max(res['gate_eigenvalues']):.3f}"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,11 @@ class MetaKEHParams(AlphaEditHParams):
         ``"spread"`` (the gate of MEMIT's residual spreading over the layers; see :mod:`metake_fast.metake`).
         The default is the adopted ``"last"``; the shipped SmolLM2 file sets ``"spread"``, whose proxy
         keeps its agreement with the exact gradient in long sequential runs (docs/RESULTS.md).
+    gate_keys: ``"mean"`` (the adopted proxy: every prompt of a request sees the share ``G`` realises
+        on the request's mean key) or ``"instance"`` (each of the request's context-template prompts
+        sees the share realised on its own key, ``Y_Lᵀ k_t``; the write is solved for the mean keys,
+        so prompts whose key differs from the mean get less, which is what a paraphrase faces).
+        ``"instance"`` needs ``gate_layers`` ``last`` or ``spread``.
     outer_clamp_norm_factor: ``‖R_i‖ ≤ c·‖h_i‖`` during the outer loop.
     base_solver: ``"alphaedit"`` or ``"memit"`` for the gate and the final write.
     safeguard / safeguard_margin: after the write, score each request on its own rewrite prompt
@@ -134,6 +139,7 @@ class MetaKEHParams(AlphaEditHParams):
     gate: str = "full"
     outer_kl: bool = True
     gate_layers: str = "last"
+    gate_keys: str = "mean"
     outer_clamp_norm_factor: float = 1.5
     base_solver: str = "alphaedit"
     mom2_update_weight: float = 15000.0
@@ -186,6 +192,7 @@ _CHOICES = {
     "omega": ("norm", "adaptive"),
     "gate": ("full", "diag"),
     "gate_layers": ("last", "product", "spread"),
+    "gate_keys": ("mean", "instance"),
     "base_solver": ("alphaedit", "memit"),
 }
 _POSITIVE = {
@@ -298,6 +305,8 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
         bad = [layer for layer in hp.layers if not 0 <= layer < num_layers]
         if bad:
             raise HParamsError(f"hparams field 'layers': {bad} out of range for a model with {num_layers} layers")
+    if getattr(hp, "gate_keys", "mean") == "instance" and getattr(hp, "gate_layers", "last") == "product":
+        raise HParamsError("hparams field 'gate_keys': 'instance' needs gate_layers 'last' or 'spread', not 'product'")
     if getattr(hp, "history_weight", 0.0) > 0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
         raise HParamsError("hparams field 'history_weight' needs base_solver 'alphaedit' (MEMIT keeps no history)")
     if getattr(hp, "history_scale", 1.0) != 1.0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":

@@ -38,6 +38,7 @@ def keys_and_residual(
     out_layer: int | None,
     templates: list[list[str]],
     batch_rows: int = 256,
+    per_instance: bool = False,
 ):
     """``(K, H)`` on the model as it is now, from one forward pass per ``batch_rows`` sequences.
 
@@ -46,6 +47,8 @@ def keys_and_residual(
     H: (d_v, u) float32 residual stream after ``out_layer`` at the subject's last token of
        the first template (``templates[0][0]``, the bare prompt ``"{}"``), or None.
     The pass stops after the deeper of the two layers.
+    ``per_instance``: K is instead (d_k, u·n) with every prompt's own key, request-major in
+       the flattened template order (the rows of :func:`metake_fast.targets._layout`).
     """
     seqs, cols, weights, owner, bare = _layout(tok, requests, templates)
     dev = model_device(model)
@@ -91,7 +94,10 @@ def keys_and_residual(
             for h in handles:
                 h.remove()
         sl = torch.tensor(idx)
-        if key_layer is not None:
+        if key_layer is not None and per_instance:
+            K = torch.zeros(len(seqs), got["k"].shape[1]) if K is None else K
+            K[sl] = got["k"]
+        elif key_layer is not None:
             K = torch.zeros(u, got["k"].shape[1]) if K is None else K
             K.index_add_(0, own[sl], got["k"] * w[sl, None])
         if out_layer is not None:

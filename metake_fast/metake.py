@@ -67,32 +67,87 @@ def solver_gate(solver, K: torch.Tensor) -> torch.Tensor:
     return G.float()
 
 
-def structural_gate(editor, reqs, templates) -> torch.Tensor:
-    """The gate used by the proxy (see the module docstring), on the model as it is now."""
+def _flat_weights(templates) -> torch.Tensor:
+    """Each flattened template's weight in a request's mean key (groups weighted equally)."""
+    return torch.tensor([1.0 / (len(templates) * len(group)) for group in templates for _ in group])
+
+
+def _layer_gates(editor, reqs, templates, per_instance: bool):
+    """Per gate layer: ``(G_l, Γ_l)``; ``Γ_l = Y_lᵀ K_inst`` (u, u·n) realises the write on every
+    prompt's own key (``per_instance``), else None. ``Y_l`` is the solve for the mean keys."""
     hp = editor.hparams
     layers = editor.layers if hp.gate_layers in ("product", "spread") else editor.layers[-1:]
-    gates = []
+    out = []
+    u = len(reqs)
     for layer in layers:
-        K, _ = keys_and_residual(editor.model, editor.tok, editor.adapter, reqs, layer, None, templates)
-        gates.append(solver_gate(editor._solvers[layer], K).cpu())
+        if per_instance:
+            Ki, _ = keys_and_residual(
+                editor.model, editor.tok, editor.adapter, reqs, layer, None, templates, per_instance=True
+            )
+            n = Ki.shape[1] // max(u, 1)
+            w = _flat_weights(templates).to(Ki)
+            K = (Ki.reshape(Ki.shape[0], u, n) * w).sum(-1)
+            Y, G = solver_solve(editor._solvers[layer], K)
+            out.append((G.float().cpu(), (Y.float().T @ Ki.to(Y.device).float()).cpu()))
+        else:
+            K, _ = keys_and_residual(editor.model, editor.tok, editor.adapter, reqs, layer, None, templates)
+            out.append((solver_gate(editor._solvers[layer], K).cpu(), None))
     editor.last_gate_keys = K  # the last edited layer's keys (history term)
+    return out
+
+
+def structural_gate(editor, reqs, templates, per_instance: bool | None = None):
+    """The gate used by the proxy (see the module docstring), on the model as it is now.
+
+    Returns ``G`` (u, u). With ``per_instance`` (default: ``hparams.gate_keys == "instance"``)
+    returns ``(G, Γ)``: ``Γ`` (u, u·n) has one column per (request, flattened template) prompt,
+    request-major, the share of each planned residual the write realises on that prompt's own
+    key. ``spread`` composes it like ``G``: ``Γ = Σ_j P_j Γ_j / (m−j)``,
+    ``P_j = Π_{i<j} (I − G_i/(m−i))``, which is ``G``'s columns when every prompt has the mean key.
+    """
+    hp = editor.hparams
+    if per_instance is None:
+        per_instance = hp.gate_keys == "instance"
+    parts = _layer_gates(editor, reqs, templates, per_instance)
+    gates = [g for g, _ in parts]
     u = gates[0].shape[0]
     eye = torch.eye(u)
+    Gam = None
     if hp.gate_layers == "last":
-        G = gates[-1]
+        G, Gam = parts[-1]
     elif hp.gate_layers == "product":
+        if per_instance:
+            raise ValueError("gate_keys: instance needs gate_layers last or spread")
         G = eye
         for g in gates:
             G = G @ g
     else:  # spread
         m = len(gates)
         left = eye
-        for j, g in enumerate(gates):
+        if per_instance:
+            Gam = torch.zeros_like(parts[0][1])
+        for j, (g, gam) in enumerate(parts):
+            if per_instance:
+                Gam += left @ gam / (m - j)
             left = left @ (eye - g / (m - j))
         G = eye - left
     if hp.gate == "diag":
         G = torch.diag(torch.diagonal(G))
-    return G
+        if per_instance:
+            n = Gam.shape[1] // max(u, 1)
+            own = torch.arange(u).repeat_interleave(n)
+            keep = torch.zeros_like(Gam, dtype=torch.bool)
+            keep[own, torch.arange(Gam.shape[1])] = True
+            Gam = torch.where(keep, Gam, torch.zeros_like(Gam))
+    return (G, Gam) if per_instance else G
+
+
+def _row_gate_index(prob, idx: torch.Tensor, u: int, n_flat: int) -> torch.Tensor:
+    """Columns of ``cat([Γ, G], 1)`` for each row of a chunk: the prompt's own column, or ``G``'s
+    column of its request for the KL rows (their essence prompt has no template key)."""
+    req = idx[prob.row_owner]
+    t = prob.row_template
+    return torch.where(t >= 0, req * n_flat + t, u * n_flat + req)
 
 
 def _omega(R: torch.Tensor, h_norm: torch.Tensor, gdiag: torch.Tensor, kind: str) -> torch.Tensor:
@@ -106,7 +161,11 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     hp = editor.hparams
     model, tok, adapter = editor.model, editor.tok, editor.adapter
     L = editor.layers[-1]
-    G = structural_gate(editor, reqs, templates)  # (u, u) on CPU
+    per_instance = hp.gate_keys == "instance"
+    G = structural_gate(editor, reqs, templates)  # (u, u) on CPU; with per_instance (G, Γ)
+    Gam = None
+    if per_instance:
+        G, Gam = G
     editor.last_gate = G
     dev = tres.delta.device
     G = G.to(dev)
@@ -125,6 +184,12 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
             ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, templates, cfg.prefix_cache) for idx in chunks
         ]
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
+    if per_instance:  # per chunk: (u, n_rows) gate, one column per prompt row
+        n_flat = sum(len(group) for group in templates)
+        full = torch.cat([Gam.to(dev), G], 1)
+        gates = [full[:, _row_gate_index(prob, idx, u, n_flat)] for idx, prob in zip(chunks, problems)]
+    else:
+        gates = [G[:, idx] for idx in chunks]
     h_norm = tres.h.norm(dim=1).to(dev)
     max_norm = hp.outer_clamp_norm_factor * h_norm
     Hp = None
@@ -141,8 +206,8 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
         Rg = R.detach().clone().requires_grad_(True)
         g_proxy = torch.zeros_like(R)
         nll_all = torch.zeros(u, device=dev)
-        for idx, prob in zip(chunks, problems):
-            nll, kl = prob.losses(Rg, with_kl=hp.outer_kl and hp.kl_factor > 0, gate=G[:, idx])
+        for idx, prob, gate in zip(chunks, problems, gates):
+            nll, kl = prob.losses(Rg, with_kl=hp.outer_kl and hp.kl_factor > 0, gate=gate, per_row=per_instance)
             loss = (nll + hp.kl_factor * kl)[active[idx]].sum()
             if loss.requires_grad:
                 (g,) = torch.autograd.grad(loss, Rg)
@@ -288,13 +353,14 @@ def solver_solve(solver, K: torch.Tensor):
     return solver.memit(K) if isinstance(solver, CovarianceSolver) else solver.solve(K)
 
 
-def proxy_gradient_cosine(editor, reqs, templates, tres: TargetResult) -> dict:
+def proxy_gradient_cosine(editor, reqs, templates, tres: TargetResult, per_instance: bool | None = None) -> dict:
     """Compare the structural gradient proxy with the exact gradient at ``R = tres.delta``.
 
     Exact: autograd of ``F(R) = Σ_i NLL_i`` of the *really* edited model (the
     multi-layer write of ``Z = H + R`` through :func:`_differentiable_write`, no
     injection). Proxy: ``G ∇_H̃ F`` evaluated at the virtual hidden ``H + R G``
-    with the last layer's gate (row layout). For small models only (it
+    with the configured gate (row layout; ``per_instance``: each prompt's own realised share,
+    default ``hparams.gate_keys == "instance"``). For small models only (it
     differentiates through several full forward passes). Returns the cosine
     similarity overall and per request, and both gradient norms.
     """
@@ -311,12 +377,21 @@ def proxy_gradient_cosine(editor, reqs, templates, tres: TargetResult) -> dict:
         nll, _ = prob_exact.losses(torch.zeros_like(tres.delta), with_kl=False)
     (g_exact,) = torch.autograd.grad(nll.sum(), R)
 
-    G = structural_gate(editor, reqs, templates).to(R.device)
+    if per_instance is None:
+        per_instance = editor.hparams.gate_keys == "instance"
     prob = ChunkProblem(model, tok, adapter, reqs, L, templates, prefix_cache=False)
-    x = (G.T @ tres.delta).clone().requires_grad_(True)
-    nll_v, _ = prob.losses(x, with_kl=False)
+    if per_instance:  # one gate column per prompt row (KL rows: their request's G column)
+        G, Gam = structural_gate(editor, reqs, templates, per_instance=True)
+        u = len(reqs)
+        n_flat = Gam.shape[1] // u
+        gate = torch.cat([Gam, G], 1)[:, _row_gate_index(prob, torch.arange(u), u, n_flat).cpu()].to(R.device)
+        G = G.to(R.device)
+    else:
+        G = gate = structural_gate(editor, reqs, templates, per_instance=False).to(R.device)
+    x = (gate.T @ tres.delta).clone().requires_grad_(True)
+    nll_v, _ = prob.losses(x, with_kl=False, per_row=per_instance)
     (g_virt,) = torch.autograd.grad(nll_v.sum(), x)
-    g_proxy = G @ g_virt
+    g_proxy = gate @ g_virt
     flat = torch.nn.functional.cosine_similarity(g_proxy.reshape(1, -1), g_exact.reshape(1, -1))[0]
     per = torch.nn.functional.cosine_similarity(g_proxy, g_exact, dim=1)
     return {

@@ -24,7 +24,7 @@ What makes it fast:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -87,6 +87,7 @@ class _Layout:
     kl_rows: list[int]
     kl_cols: list[int]
     bare_rows: list[int]  # the bare-prompt row of each request (for h)
+    row_template: list[int] = field(default_factory=list)  # flat template of each row (-1: KL row)
 
 
 def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]) -> _Layout:
@@ -104,6 +105,7 @@ def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]) ->
             L.prefixes.append(full[:s])
             L.rests.append(full[s:])
             L.owner.append(i)
+            L.row_template.append(j)
             for k, tid in enumerate(t):
                 L.tgt_rows.append(row)
                 L.tgt_cols.append(len(ids) - 1 + k - s)
@@ -114,6 +116,7 @@ def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]) ->
         L.prefixes.append(ids[:s])
         L.rests.append(ids[s:])
         L.owner.append(i)
+        L.row_template.append(-1)
         L.kl_rows.append(row)
         L.kl_cols.append(len(ids) - 1 - s)
     return L
@@ -186,11 +189,18 @@ class _ChunkRunner:
         """Map remainder-relative columns to this runner's columns."""
         return cols if self.use_cache else cols + self.inject_col[rows]
 
-    def forward(self, delta: torch.Tensor | None, capture_h: bool = False, gate: torch.Tensor | None = None):
+    def forward(
+        self,
+        delta: torch.Tensor | None,
+        capture_h: bool = False,
+        gate: torch.Tensor | None = None,
+        per_row: bool = False,
+    ):
         """Final hidden states (B, T, d) with ``(gateᵀ delta)[owner]`` injected after layer L.
 
         ``delta``: (u_in, d_v) or None; ``gate``: (u_in, u_chunk) or None (identity,
-        ``delta`` is then the chunk's own (u_chunk, d_v) rows). Through the
+        ``delta`` is then the chunk's own (u_chunk, d_v) rows); with ``per_row`` the gate is
+        (u_in, n_rows), one column per prompt row (``(gateᵀ delta)[row]``). Through the
         ``gated_delta_inject`` op: one pass over the hidden states, and the gradient
         w.r.t. ``delta`` is ``gate @ ∇`` (MetaKE's structural proxy).
         """
@@ -204,7 +214,8 @@ class _ChunkRunner:
             if capture_h:
                 captured["h"] = hs[self.rows, self.inject_col].detach().float()
             if delta is not None:
-                hs = gated_delta_inject(hs, delta, self.rows, self.inject_col, self.owner, gate=gate)
+                owner = self.rows if per_row else self.owner
+                hs = gated_delta_inject(hs, delta, self.rows, self.inject_col, owner, gate=gate)
                 return (hs,) + tuple(output[1:]) if isinstance(output, tuple) else hs
             return output
 
@@ -344,6 +355,8 @@ class ChunkProblem:
         self.k_rows = torch.tensor(lay.kl_rows, device=dev)
         self.k_cols = run.hidden_cols(torch.tensor(lay.kl_cols, device=dev), self.k_rows)
         bare = torch.tensor(lay.bare_rows, device=dev)
+        self.row_owner = run.owner  # chunk-local request of each row
+        self.row_template = torch.tensor(lay.row_template, device=dev)  # flat template of each row; -1: KL row
         with torch.no_grad():
             hid, h_all = run.forward(None, capture_h=True)
             self.kl_ref = KLReference(model, adapter, self.norm(hid[self.k_rows, self.k_cols]))
@@ -351,8 +364,10 @@ class ChunkProblem:
             self.nll_init = torch.zeros(self.u, device=dev).index_add_(0, self.t_own, -lp0 * self.t_w)
         self.h = h_all[bare]
 
-    def losses(self, delta: torch.Tensor, with_kl: bool = True, gate: torch.Tensor | None = None):
-        hid, _ = self.run.forward(delta, gate=gate)
+    def losses(
+        self, delta: torch.Tensor, with_kl: bool = True, gate: torch.Tensor | None = None, per_row: bool = False
+    ):
+        hid, _ = self.run.forward(delta, gate=gate, per_row=per_row)
         lp = target_logprobs(self.model, self.adapter, self.norm(hid[self.t_rows, self.t_cols]), self.t_ids)
         nll = torch.zeros(self.u, device=self.dev, dtype=lp.dtype).index_add(0, self.t_own, -lp * self.t_w)
         if not with_kl:

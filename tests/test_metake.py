@@ -445,3 +445,74 @@ def test_history_scale_reaches_every_layer_solver(setup):
         with pytest.raises(HParamsError, match="history_scale"):
             make_hparams("metake", bad)
     assert make_hparams("alphaedit", {"history_scale": 2.0}).history_scale == 2.0
+
+
+# --------------------------------------------------------------------------- per-prompt gate (gate_keys: instance)
+
+
+@pytest.mark.parametrize("gate_layers", ["last", "spread"])
+def test_instance_gate_averages_to_the_mean_key_gate(setup, gate_layers):
+    """Γ is linear in the prompt keys and the mean key is their weighted mean, so each request's
+    template-weighted mean of its Γ columns is its column of G, for one layer and for the spread."""
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, gate_layers=gate_layers)
+    tpl = ed._templates()
+    G, Gam = structural_gate(ed, REQS, tpl, per_instance=True)
+    u = len(REQS)
+    n = Gam.shape[1] // u
+    assert n == sum(len(g) for g in tpl) and n > 1
+    w = torch.tensor([1.0 / (len(tpl) * len(g)) for g in tpl for _ in g])
+    mean_cols = (Gam.reshape(u, u, n) * w).sum(-1)
+    assert torch.allclose(mean_cols, G, atol=1e-4)
+    assert not torch.allclose(Gam.reshape(u, u, n)[..., 0], G, atol=1e-3)  # the prompts' keys do differ
+    assert torch.allclose(structural_gate(ed, REQS, tpl, per_instance=False), G, atol=1e-5)
+
+
+def test_write_realises_R_Gamma_on_each_prompt_key(setup):
+    """One layer: the write solved for the mean keys changes each prompt's own key's output by R Γ[:, t]."""
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, layers=[2], gate_layers="last")
+    from metake_fast.keys import keys_and_residual
+
+    tpl = ed._templates()
+    L = ed.layers[-1]
+    K, _ = keys_and_residual(model, tok, ed.adapter, REQS, L, None, tpl)
+    Ki, _ = keys_and_residual(model, tok, ed.adapter, REQS, L, None, tpl, per_instance=True)
+    Y, _ = ed._solvers[L].solve(K)
+    _, Gam = structural_gate(ed, REQS, tpl, per_instance=True)
+    R = torch.randn(ed.adapter.value_dim(model), len(REQS))
+    W = ed.adapter.edit_weight(model, L).detach().clone()
+    W2 = W.clone()
+    apply_update_(W2, R, Y, ed.adapter.transposed)
+    dW = W2.double() - W.double()
+    dWK = (dW if not ed.adapter.transposed else dW.T) @ Ki.double()
+    assert torch.allclose(dWK, R.double() @ Gam.double(), atol=1e-4 * R.abs().max().item())
+
+
+@pytest.mark.parametrize("gate_layers", ["last", "spread"])
+def test_instance_proxy_gradient_points_along_exact_gradient(setup, gate_layers):
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, gate_layers=gate_layers, gate_keys="instance")
+    tpl = ed._templates()
+    tres = optimize_targets(model, tok, ed.adapter, REQS, ed.layers[-1], tpl, ed._target_config(), progress=False)
+    res_i = proxy_gradient_cosine(ed, REQS, tpl, tres)
+    res_m = proxy_gradient_cosine(ed, REQS, tpl, tres, per_instance=False)
+    print(f"proxy/exact cosine ({gate_layers}): instance {res_i['cosine']:.3f}, mean {res_m['cosine']:.3f}")
+    assert res_i["cosine"] > 0.1
+
+
+def test_instance_gate_refines_targets_and_rejects_product(setup):
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
+    tpl = ed._templates()
+    tres = optimize_targets(model, tok, ed.adapter, REQS, ed.layers[-1], tpl, ed._target_config(), progress=False)
+    Z = refine_targets(ed, REQS, tpl, tres, {})
+    Z_mean = refine_targets(
+        _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, gate_layers="spread"), REQS, tpl, tres, {}
+    )
+    assert torch.isfinite(Z).all() and Z.shape == Z_mean.shape
+    assert not torch.allclose(Z, Z_mean)  # the per-prompt gate changes the refined targets
+    from metake_fast.hparams import HParamsError
+
+    with pytest.raises(HParamsError, match="gate_keys"):
+        _editor(model, tok, gate_layers="product", gate_keys="instance")
