@@ -26,7 +26,7 @@ import sys
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import numpy as np
-from results_by_batch import records_path
+from results_by_batch import open_records, records_path
 
 from metake_fast.evaluate import MAGNITUDE_KEYS, record_magnitudes
 
@@ -39,7 +39,7 @@ def load_cases(results_path: str) -> dict:
     with open(results_path) as f:
         res = json.load(f)
     ids, post = [], {m: [] for m in ALL_METRICS}
-    with open(records_path(results_path, res)) as f:
+    with open_records(records_path(results_path, res)) as f:
         for line in f:
             r = json.loads(line)
             ids.append(r.get("case_id", r["index"]))

@@ -50,7 +50,7 @@ if [ -n "${GPU_EVAL_GGUF:-}" ]; then
   export PYTHONPATH="$PYTHONPATH:$site"
 fi
 log "loading the default model"
-"$PY" - <<'PY' 2>&1 | tee "$DIR/device.txt" || exit 1
+"$PY" - <<'PY' 2> "$DIR/load.log" | tee "$DIR/device.txt" || { tail -20 "$DIR/load.log"; exit 1; }
 import platform, torch, transformers
 from metake_fast.models import _smollm2_dir
 print("model dir", _smollm2_dir())

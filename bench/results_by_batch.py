@@ -14,6 +14,7 @@ and, for MetaKE, the requests that got their plain target) and optionally writes
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -24,15 +25,20 @@ from metake_fast.evaluate import record_metrics
 
 
 def records_path(results_path: str, res: dict) -> str:
+    """The run's records file: as recorded, or next to the results file; either may be gzipped (``.gz``)."""
     rec = res.get("records")
     if not rec:
         raise ValueError(f"{results_path}: no 'records' entry (run evaluate without --no-records)")
-    if os.path.exists(rec):
-        return rec
     local = os.path.join(os.path.dirname(results_path), os.path.basename(rec))
-    if os.path.exists(local):
-        return local
-    raise ValueError(f"{results_path}: records file {rec!r} not found (nor next to the results file)")
+    for cand in (rec, rec + ".gz", local, local + ".gz"):
+        if os.path.exists(cand):
+            return cand
+    raise ValueError(f"{results_path}: records file {rec!r} not found (nor next to the results file, nor gzipped)")
+
+
+def open_records(path: str):
+    """Open a records file for reading text, gzipped or not."""
+    return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
 
 
 def by_batch(results_path: str) -> dict:
@@ -42,7 +48,7 @@ def by_batch(results_path: str) -> dict:
     bsz = int(res["batch_size"])
     posts: dict[int, list[dict]] = {}
     plain: dict[int, int] = {}
-    with open(records_path(results_path, res)) as f:
+    with open_records(records_path(results_path, res)) as f:
         for line in f:
             r = json.loads(line)
             b = int(r["index"]) // bsz

@@ -420,6 +420,10 @@ def results_records_path(out: str | os.PathLike) -> Path:
 
 
 def _git_commit() -> str | None:
+    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree whose git
+    metadata is not the code's, such as a device runner's copy)."""
+    if os.environ.get("METAKE_FAST_COMMIT"):
+        return os.environ["METAKE_FAST_COMMIT"]
     try:
         r = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,

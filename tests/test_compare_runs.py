@@ -15,12 +15,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import compare_runs  # noqa: E402
 
-RUNS = sorted((ROOT / "docs" / "results").glob("cf_n1000_b100_*.json"))
-BASE = ROOT / "docs" / "results" / "cf_n1000_b100_alphaedit.json"
+RES = ROOT / "docs" / "results"
+# (baseline, run) on the same cases: the CPU runs, and the H200 runs on the dev and held-out slices
+PAIRS = [
+    (folder / f"{prefix}_n1000_b100_alphaedit.json", p)
+    for folder, prefix in ((RES, "cf"), (RES / "h200", "cf"), (RES / "h200", "cfho"))
+    for p in sorted(folder.glob(f"{prefix}_n1000_b100_*.json"))
+]
+IDS = [f"{b.parent.name}-{p.stem}" for b, p in PAIRS]
 
 
-@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
-def test_paired_difference_is_the_difference_of_the_run_metrics(path):
+@pytest.mark.parametrize("base_path,path", PAIRS, ids=IDS)
+def test_paired_difference_is_the_difference_of_the_run_metrics(base_path, path):
+    BASE = base_path
     base, other = compare_runs.load_cases(str(BASE)), compare_runs.load_cases(str(path))
     out = compare_runs.compare(base, other, resamples=200)
     pb, po = json.loads(BASE.read_text())["metrics_post"], json.loads(path.read_text())["metrics_post"]
@@ -33,13 +40,19 @@ def test_paired_difference_is_the_difference_of_the_run_metrics(path):
             assert s["better"] == s["worse"] == 0 and s["ci95"] == [0.0, 0.0] and s["sign_test_p"] == 1.0
 
 
-@pytest.mark.parametrize("path", [p for p in RUNS if p != BASE], ids=[p.stem for p in RUNS if p != BASE])
-def test_magnitudes_against_the_records_probabilities(path):
+@pytest.mark.parametrize(
+    "base_path,path", [(b, p) for b, p in PAIRS if b != p], ids=[i for (b, p), i in zip(PAIRS, IDS) if b != p]
+)
+def test_magnitudes_against_the_records_probabilities(base_path, path):
+    BASE = base_path
+
     # Oracle: the field's EM / PM / NM recomputed here in fp64 from the logged log-probabilities
     # (exp(logprob), not the records' p fields), paired over the cases.
     def per_case(p):
         out = {k: [] for k in compare_runs.MAGNITUDE_KEYS}
-        for line in Path(compare_runs.records_path(str(p), json.loads(p.read_text()))).read_text().splitlines():
+        with compare_runs.open_records(compare_runs.records_path(str(p), json.loads(p.read_text()))) as f:
+            lines = f.read().splitlines()
+        for line in lines:
             post = json.loads(line)["post"]
             for k, field in compare_runs.MAGNITUDE_KEYS.items():
                 sign = -1.0 if field == "neighborhood" else 1.0

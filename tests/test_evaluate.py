@@ -359,3 +359,13 @@ def test_checkpoint_write_failure_does_not_stop_the_run(model_dir, corpus_file, 
         )  # fmt: skip
     assert res["edit"]["batches"] == 2 and not (tmp_path / "ck" / "state.safetensors").exists()
     assert any("could not write checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_recorded_commit_follows_the_override(monkeypatch):
+    """A device runner's copy of the tree carries stale git metadata: METAKE_FAST_COMMIT names the code's commit."""
+    from metake_fast.evaluate import _git_commit
+
+    monkeypatch.delenv("METAKE_FAST_COMMIT", raising=False)
+    real = _git_commit()
+    monkeypatch.setenv("METAKE_FAST_COMMIT", "abc1234")
+    assert _git_commit() == "abc1234" != real

@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import results_by_batch  # noqa: E402
 
-RUNS = sorted((ROOT / "docs" / "results").glob("cf_n1000_b100_*.json"))
+RES = ROOT / "docs" / "results"
+RUNS = sorted(RES.glob("cf_n1000_b100_*.json")) + sorted((RES / "h200").glob("cf*_n1000_b100_*.json"))
 
 
 @pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
