@@ -54,6 +54,23 @@ def load_cases(results_path: str) -> dict:
     return {"label": label, "results": results_path, "case_ids": ids, "post": post}
 
 
+def pool_cases(parts: list[dict]) -> dict:
+    """Several runs' cases as one run (e.g. the same method on two data slices); labels joined by ``+``."""
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        "label": " + ".join(p["label"] for p in parts),
+        "results": "+".join(p["results"] for p in parts),
+        "case_ids": [f"{i}:{c}" for i, p in enumerate(parts) for c in p["case_ids"]],
+        "post": {m: [v for p in parts for v in p["post"][m]] for m in parts[0]["post"]},
+    }
+
+
+def load_pooled(arg: str) -> dict:
+    """``A.json`` or ``A.json+B.json+...`` (pooled with :func:`pool_cases`)."""
+    return pool_cases([load_cases(p) for p in arg.split("+")])
+
+
 def sign_test_p(better: int, worse: int) -> float:
     """Two-sided exact sign test: P(a split at least this uneven) for ``better + worse`` fair coin flips."""
     n = better + worse
@@ -113,7 +130,10 @@ def table(base: dict, comps: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "results", nargs="+", help="results JSON files written by metake-fast evaluate; the first is the baseline"
+        "results",
+        nargs="+",
+        help="results JSON files written by metake-fast evaluate; the first is the baseline; "
+        "A.json+B.json pools two runs' cases (the same method on two slices, paired slice by slice)",
     )
     ap.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
     ap.add_argument("--seed", type=int, default=0)
@@ -126,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resamples must be at least 1", file=sys.stderr)
         return 2
     try:
-        runs = [load_cases(p) for p in args.results]
+        runs = [load_pooled(p) for p in args.results]
         comps = [compare(runs[0], r, resamples=args.resamples, seed=args.seed) for r in runs[1:]]
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -138,3 +138,28 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "at least one run" in capsys.readouterr().err
     assert compare_runs.main([a, str(tmp_path / "missing.json")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_pooled_slices_average_the_slice_differences(capsys):
+    """A.json+B.json pools the cases of two equal-sized slices: each metric's difference is the mean of the two."""
+    h = RES / "h200"
+    pairs = [(h / f"{s}_n1000_b100_alphaedit.json", h / f"{s}_n1000_b100_metake_instance.json") for s in ("cf", "cfho")]
+    per = [
+        compare_runs.compare(compare_runs.load_cases(str(b)), compare_runs.load_cases(str(o)), resamples=50)
+        for b, o in pairs
+    ]
+    base = compare_runs.load_pooled(f"{pairs[0][0]}+{pairs[1][0]}")
+    other = compare_runs.load_pooled(f"{pairs[0][1]}+{pairs[1][1]}")
+    out = compare_runs.compare(base, other, resamples=50)
+    for m in compare_runs.METRICS:
+        assert out["metrics"][m]["n"] == 2000
+        assert out["metrics"][m]["diff"] == pytest.approx(
+            (per[0]["metrics"][m]["diff"] + per[1]["metrics"][m]["diff"]) / 2, abs=1e-9
+        )
+        assert out["metrics"][m]["better"] == sum(p["metrics"][m]["better"] for p in per)
+    # mismatched pooling (slices in a different order) is refused, not silently mispaired
+    swapped = compare_runs.load_pooled(f"{pairs[1][1]}+{pairs[0][1]}")
+    with pytest.raises(ValueError):
+        compare_runs.compare(base, swapped, resamples=10)
+    assert compare_runs.main([f"{pairs[0][0]}+{pairs[1][0]}", f"{pairs[0][1]}+{pairs[1][1]}", "--resamples", "20"]) == 0
+    assert "+ cfho_n1000_b100_metake_instance" in capsys.readouterr().out

@@ -188,12 +188,13 @@ def test_fuzz_request_and_dataset_files(tmp_path_factory, content):
 HP_FIELDS = [
     "layers", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "L2",
     "nullspace_threshold", "stats_tokens", "stats_max_length", "context_template_count",
-    "context_template_length", "outer_steps", "outer_lr", "gamma", "omega", "gate", "gate_layers", "mom2_update_weight",
+    "context_template_length", "outer_steps", "outer_lr", "gamma", "omega", "gate", "gate_layers", "gate_keys",
+    "mom2_update_weight",
     "safeguard", "safeguard_margin", "outer_kl", "target_chunk_tokens",
 ]  # fmt: skip
 hp_values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**12), st.booleans(), st.none(), texts,
-    st.lists(st.integers(-40, 40), max_size=5), st.sampled_from(["norm", "full", "diag", "last", "spread", "product"]),
+    st.lists(st.integers(-40, 40), max_size=5), st.sampled_from(["norm", "full", "diag", "last", "spread", "product", "mean", "instance"]),
 )  # fmt: skip
 
 

@@ -516,3 +516,38 @@ def test_instance_gate_refines_targets_and_rejects_product(setup):
 
     with pytest.raises(HParamsError, match="gate_keys"):
         _editor(model, tok, gate_layers="product", gate_keys="instance")
+
+
+def test_instance_gate_is_independent_of_the_chunking(setup):
+    """Per-prompt gate columns are picked per chunk row: one request per chunk gives the same
+    refined targets as one chunk for all (the chunk → global column mapping is right)."""
+    model, tok = setup
+    Z = {}
+    for chunk_tokens in (1, 100_000):
+        ed = _editor(
+            model, tok, L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance",
+            target_chunk_tokens=chunk_tokens,
+        )  # fmt: skip
+        tpl = ed._templates()
+        cfg = ed._target_config()
+        tres = optimize_targets(
+            model, tok, ed.adapter, REQS, ed.layers[-1], tpl, cfg, progress=False, keep_problems=True
+        )
+        n_chunks = len(tres.problems)
+        assert n_chunks == (len(REQS) if chunk_tokens == 1 else 1)
+        Z[chunk_tokens] = refine_targets(ed, REQS, tpl, tres, {})
+    assert torch.allclose(Z[1], Z[100_000], atol=1e-4, rtol=1e-4)
+
+
+def test_editor_edits_with_the_instance_gate(setup):
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
+    W0 = {layer: ed.adapter.edit_weight(model, layer).detach().clone() for layer in ed.layers}
+    rep = ed.edit(REQS, batch_size=len(REQS))
+    assert len(rep.requests) == len(REQS)
+    for layer in ed.layers:
+        W = ed.adapter.edit_weight(model, layer).detach()
+        assert torch.isfinite(W).all() and not torch.equal(W, W0[layer])
+    ed.restore()
+    for layer in ed.layers:
+        assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), W0[layer])
