@@ -738,6 +738,9 @@ def run_evaluation(
         "commit": _git_commit(),
         "sessions": sessions,
         "hparams": to_dict(editor.hparams),
+        # sampled from the model (seeded): rounding on another device can change a token, and
+        # with it every target, so they are part of what a run measured
+        "context_templates": editor._templates(),
         "edit": {
             "batches": report.batches,
             "mean_realised": _finite(_mean(realised)) if realised else None,

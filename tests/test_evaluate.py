@@ -262,6 +262,14 @@ def test_run_evaluation_full_counterfact(model_dir, corpus_file, tmp_path):
         assert t[k] >= 0.0
     assert t["edits_per_s"] == pytest.approx(4 / t["edit_s"])
     assert isinstance(data["edit"]["mean_realised"], float)
+    # the context templates the run used: those the unedited model samples with these settings
+    from metake_fast.context import context_templates
+    from metake_fast.models import load_model
+
+    fresh, fresh_tok = load_model(str(model_dir))[:2]
+    hp = data["hparams"]
+    want = context_templates(fresh, fresh_tok, hp["context_template_count"], hp["context_template_length"])
+    assert data["context_templates"] == json.loads(json.dumps(want)) and data["context_templates"][0] == ["{}"]
     lines = (tmp_path / "results.records.jsonl").read_text().splitlines()
     assert len(lines) == 4 and data["records"] == str(tmp_path / "results.records.jsonl")
     recs = [json.loads(ln) for ln in lines]
