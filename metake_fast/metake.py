@@ -44,6 +44,12 @@ residual would mostly be lost), ``gate`` (``"full"`` or ``"diag"``), ``outer_kl`
   writes ``1/(m−j)`` of what is left, so the realised share is
   ``I − Π_j (I − G_j/(m−j))`` (exact when each layer's write reaches layer L
   unchanged; reduces to ``G`` for one layer).
+
+``gate_keys``: ``"mean"`` (METHOD.md: every prompt of a request sees ``G``'s column, the share
+realised on the request's mean key) or ``"instance"``: the write is solved for the mean keys
+``K̄`` but each context-template prompt reaches layer L with its own key ``k_t`` and gets
+``R Yᵀ k_t``, so prompt ``t`` sees the column ``Γ_t = Yᵀ k_t`` (spread: composed over the
+layers as ``G`` is). The template-weighted mean of a request's columns is its column of ``G``.
 """
 
 from __future__ import annotations
