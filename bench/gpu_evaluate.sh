@@ -6,8 +6,9 @@
 #   GPU_EVAL_RUNS="ae:alphaedit: mk:metake: mk_inst:metake:examples/hparams/metake_smollm2_gate_instance.yaml" \
 #   GPU_EVAL_N=1000 GPU_EVAL_B=100 GPU_EVAL_BUDGET=540 bash bench/gpu_evaluate.sh
 #
-# GPU_EVAL_RUNS: space-separated NAME:METHOD:HPARAMS[:DATA] (HPARAMS empty = the shipped file;
-#   DATA default `counterfact`, the dev data). Every run's hparams get
+# GPU_EVAL_RUNS: space-separated NAME:METHOD:HPARAMS[:DATA[:SEED]] (HPARAMS empty = the shipped
+#   file; DATA default `counterfact`, the dev data; SEED sets `context_template_seed`, for
+#   replicate runs of one method). Every run's hparams get
 #   `target_chunk_tokens: GPU_EVAL_CHUNK` (default 8192; the CPU default 1024 only bounds
 #   memory and does not change the optimum). All runs start at once; each is stopped at the
 #   budget, so a run that cannot finish leaves its progress lines.
@@ -61,12 +62,12 @@ PY
 # 2. the runs, all at once, each capped at what is left of the budget
 status=0
 wave() {
-  local pids=() names=() spec name method hp data src cfg left rc i
+  local pids=() names=() spec name method hp data seed src cfg left rc i
   for spec in $1; do
-    IFS=: read -r name method hp data <<< "$spec"
+    IFS=: read -r name method hp data seed <<< "$spec"
     src="${hp:-metake_fast/hparams/$method/smollm2-135m.yaml}"
     cfg="$DIR/$name.hparams.yaml"
-    { cat "$src"; echo; echo "target_chunk_tokens: $CHUNK"; } > "$cfg"
+    { cat "$src"; echo; echo "target_chunk_tokens: $CHUNK"; [ -n "$seed" ] && echo "context_template_seed: $seed"; } > "$cfg"
     left=$((BUDGET - SECONDS - 20))
     (( left < 30 )) && { log "$name not started (budget spent)"; continue; }
     log "$name: $method with $src on ${data:-counterfact} (cap ${left}s)"

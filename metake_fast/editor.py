@@ -370,7 +370,9 @@ class Editor:
 
     def _templates(self):
         hp = self.hparams
-        return context_templates(self.model, self.tok, hp.context_template_count, hp.context_template_length)
+        return context_templates(
+            self.model, self.tok, hp.context_template_count, hp.context_template_length, hp.context_template_seed
+        )
 
     def _edit_batch(self, reqs: list[EditRequest], timing: dict):
         """Targets at the last layer, then the write (multi-layer for MEMIT/AlphaEdit)."""

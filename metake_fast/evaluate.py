@@ -735,7 +735,8 @@ def run_evaluation(
         "device": _device_name(model),
         "dtype": dtype,
         "version": __version__,
-        "commit": _git_commit(),
+        # the code this process loaded (read when it started: the checkout may move during a long run)
+        "commit": sessions[-1]["commit"] if sessions else _git_commit(),
         "sessions": sessions,
         "hparams": to_dict(editor.hparams),
         # sampled from the model (seeded): rounding on another device can change a token, and

@@ -39,6 +39,9 @@ class EditHParams:
         target optimisation (METHOD.md "Target (z) optimisation").
     early_stop_nll: a request stops optimising once its mean target NLL is below this.
     context_template_count / context_template_length: generated context prefixes.
+    context_template_seed: seed of their sampling (0 as shipped). Another seed gives another
+        set of prefixes and so an independent replicate of a run: the way to measure how much a
+        result moves between runs of the same method (docs/RESULTS.md, "N = 1000 on an H200").
     stats_tokens / stats_max_length / stats_dtype: key second-moment statistics.
     solve_dtype: float64 or float32 for the closed-form solves.
     target_chunk_tokens: padded tokens run per target-optimisation step and chunk (bounds memory).
@@ -56,6 +59,7 @@ class EditHParams:
     early_stop_nll: float = 5e-2
     context_template_count: int = 5
     context_template_length: int = 10
+    context_template_seed: int = 0
     stats_tokens: int = 100_000
     stats_max_length: int = 512
     stats_dtype: str = "float32"
@@ -215,6 +219,7 @@ _NONNEG = {
     "early_stop_nll",
     "context_template_count",
     "context_template_length",
+    "context_template_seed",
     "outer_steps",
     "safeguard_history_max",
     "history_weight",

@@ -454,3 +454,27 @@ def test_smollm2_counterfact(method):
         assert sum(r.fallback for r in report.requests) <= 2
     ed.restore()
     assert _same(_params(ed.model), before)
+
+
+def test_context_template_seed_gives_a_replicate(cache):
+    """Seed 0 is the shipped sampling; another seed samples other prefixes, and the edit differs
+    only through them (a replicate of the same method)."""
+    from metake_fast.context import context_templates
+
+    ed0 = make_editor(cache, "alphaedit")
+    ed1 = make_editor(cache, "alphaedit", context_template_seed=7)
+    t0, t1 = ed0._templates(), ed1._templates()
+    assert t0 == context_templates(
+        ed0.model, ed0.tok, SMALL["context_template_count"], SMALL["context_template_length"]
+    )
+    assert t1 == context_templates(
+        ed1.model, ed1.tok, SMALL["context_template_count"], SMALL["context_template_length"], 7
+    )
+    assert t0[0] == t1[0] == ["{}"] and t0[1] != t1[1]
+    r0, r1 = ed0.edit(REQS, batch_size=3), ed1.edit(REQS, batch_size=3)
+    assert len(r0.requests) == len(r1.requests) == 3
+    d0 = _params(ed0.model)
+    d1 = _params(ed1.model)
+    assert not _same(d0, d1)
+    with pytest.raises(HParamsError, match="context_template_seed"):
+        make_editor(cache, "alphaedit", context_template_seed=-1)

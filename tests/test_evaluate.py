@@ -255,6 +255,7 @@ def test_run_evaluation_full_counterfact(model_dir, corpus_file, tmp_path):
     import metake_fast
 
     assert data["version"] == metake_fast.__version__
+    assert data["commit"] == data["sessions"][-1]["commit"]  # read when the run started
     _check_metrics(data["metrics_pre"], fluency=True)
     _check_metrics(data["metrics_post"], fluency=True)
     t = data["timing"]
