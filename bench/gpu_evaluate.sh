@@ -3,7 +3,7 @@
 # side on one GPU, with a hard time budget: the sequential N-edit protocol of docs/RESULTS.md
 # on the default model, for a lease-limited machine with no network.
 #
-#   GPU_EVAL_RUNS="ae:alphaedit: mk:metake: mk_inst:metake:examples/hparams/metake_smollm2_gate_instance.yaml" \
+#   GPU_EVAL_RUNS="ae:alphaedit: mk:metake: mk_mean:metake:examples/hparams/metake_smollm2_gate_spread_mean.yaml" \
 #   GPU_EVAL_N=1000 GPU_EVAL_B=100 GPU_EVAL_BUDGET=540 bash bench/gpu_evaluate.sh
 #
 # GPU_EVAL_RUNS: space-separated NAME:METHOD:HPARAMS[:DATA[:SEED]] (HPARAMS empty = the shipped
