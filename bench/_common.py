@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,15 +47,10 @@ def device_name(dev: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree without git)."""
-    if os.environ.get("METAKE_FAST_COMMIT"):
-        return os.environ["METAKE_FAST_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
+    """The checkout's short commit (``METAKE_FAST_COMMIT`` overrides it), as evaluate records it; "unknown" without git."""
+    from metake_fast.evaluate import git_commit as commit
+
+    return commit() or "unknown"
 
 
 def sync(dev: torch.device) -> None:

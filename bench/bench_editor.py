@@ -44,6 +44,7 @@ for p in (str(ROOT), str(ROOT / "bench")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from _common import git_commit  # noqa: E402
 from bench_second_moment import model_context, reference_layer_stats, slice_texts  # noqa: E402
 from reference_flow import reference_flow_edit  # noqa: E402
 
@@ -71,12 +72,6 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------- helpers
-def commit() -> str:
-    from _common import git_commit  # bench/ is the script's directory
-
-    return git_commit()
-
-
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -433,7 +428,7 @@ def main(argv=None) -> int:
                         "target_steps_mean": sum(steps) / len(steps) if steps else None,
                         "flop_floor": floors, "floor_fraction_of_peak": frac, "peak_flops": peak,
                         "stats_tokens": tokens_used, "hparams": to_dict(hp), "set": dict(overrides),
-                        "commit": commit(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "commit": git_commit(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     })  # fmt: skip
                     print_row(rows[-1])
                     append_row(args.out, rows[-1])  # now: a run cut short keeps the rows it finished

@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import git_commit  # noqa: E402
+
 from metake_fast.cli import parse_layers, positive_int  # noqa: E402
 from metake_fast.corpus import load_corpus  # noqa: E402
 from metake_fast.models import get_adapter, load_model, parse_dtype  # noqa: E402
@@ -128,12 +130,6 @@ def slice_texts(tokenizer, tokens: int) -> list[str]:
     return texts
 
 
-def commit() -> str:
-    from _common import git_commit  # bench/ is the script's directory
-
-    return git_commit()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model dir, or tiny-llama / tiny-gpt2")
@@ -200,7 +196,7 @@ def main(argv=None) -> int:
                 else platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "repeats": len(times),
                 "median_s": med, "min_s": min(times), "max_s": max(times),
-                "tokens_per_s": count / med, "mean_trace": trace, "commit": commit(), "torch": torch.__version__,
+                "tokens_per_s": count / med, "mean_trace": trace, "commit": git_commit(), "torch": torch.__version__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         )  # fmt: skip

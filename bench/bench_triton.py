@@ -45,12 +45,6 @@ def _kernels_package():
     return kernels_package()
 
 
-def _git_commit() -> str:
-    from _common import git_commit  # bench/ is the script's directory
-
-    return git_commit()
-
-
 def _timer(device):
     import torch
 
@@ -259,11 +253,12 @@ def main(argv=None) -> int:
         shapes = {m: MODELS[m] for m in args.models}
 
     import triton
+    from _common import git_commit  # bench/ is the script's directory
 
     run = _timer(device)
     meta = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,

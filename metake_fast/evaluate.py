@@ -419,7 +419,7 @@ def results_records_path(out: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".records.jsonl") if p.suffix == ".json" else p.with_name(p.name + ".records.jsonl")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The checkout's short commit; ``METAKE_FAST_COMMIT`` overrides it (a copied tree whose git
     metadata is not the code's, such as a device runner's copy)."""
     if os.environ.get("METAKE_FAST_COMMIT"):
@@ -664,7 +664,7 @@ def run_evaluation(
         report.batches, report.timing = int(extra["batches"]), dict(extra["timing"])
         progress_lines, sessions = list(extra["progress"]), list(extra.get("sessions", []))
         log.info("resuming from %s: %d of %d edits done", state_path, done, len(requests))
-    sessions.append({"commit": _git_commit(), "from_edit": done})
+    sessions.append({"commit": git_commit(), "from_edit": done})
     prog_path = out_path.with_name(out_path.stem + ".progress.jsonl") if out_path is not None else None
     if prog_path is not None:
         prog_path.write_text("".join(json.dumps(line) + "\n" for line in progress_lines))
@@ -736,7 +736,7 @@ def run_evaluation(
         "dtype": dtype,
         "version": __version__,
         # the code this process loaded (read when it started: the checkout may move during a long run)
-        "commit": sessions[-1]["commit"] if sessions else _git_commit(),
+        "commit": sessions[-1]["commit"] if sessions else git_commit(),
         "sessions": sessions,
         "hparams": to_dict(editor.hparams),
         # sampled from the model (seeded): rounding on another device can change a token, and

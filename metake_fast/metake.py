@@ -148,12 +148,16 @@ def structural_gate(editor, reqs, templates, per_instance: bool | None = None):
     return (G, Gam) if per_instance else G
 
 
-def _row_gate_index(prob, idx: torch.Tensor, u: int, n_flat: int) -> torch.Tensor:
-    """Columns of ``cat([Γ, G], 1)`` for each row of a chunk: the prompt's own column, or ``G``'s
-    column of its request for the KL rows (their essence prompt has no template key)."""
+def chunk_gate(G: torch.Tensor, Gam: torch.Tensor | None, prob, idx: torch.Tensor) -> torch.Tensor:
+    """The gate one chunk's forward takes: ``G[:, idx]`` (u, u_chunk) for mean keys, or with the
+    per-prompt ``Γ`` (u, u, n) one column per row of the chunk (``per_row``): the prompt's own
+    column, and ``G``'s column of its request for the KL rows (the essence prompt has no template key).
+    ``idx``: the chunk's requests (global indices), on ``G``'s device."""
+    if Gam is None:
+        return G[:, idx]
     req = idx[prob.row_owner]
     t = prob.row_template
-    return torch.where(t >= 0, req * n_flat + t, u * n_flat + req)
+    return torch.where((t >= 0)[None], Gam[:, req, t.clamp_min(0)], G[:, req])
 
 
 def _omega(R: torch.Tensor, h_norm: torch.Tensor, gdiag: torch.Tensor, kind: str) -> torch.Tensor:
@@ -190,12 +194,8 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
             ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, templates, cfg.prefix_cache) for idx in chunks
         ]
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
-    if per_instance:  # per chunk: (u, n_rows) gate, one column per prompt row
-        n_flat = sum(len(group) for group in templates)
-        full = torch.cat([Gam.to(dev), G], 1)
-        gates = [full[:, _row_gate_index(prob, idx, u, n_flat)] for idx, prob in zip(chunks, problems)]
-    else:
-        gates = [G[:, idx] for idx in chunks]
+    Gam = None if Gam is None else Gam.to(dev).reshape(u, u, -1)  # (u, u, n): request, prompt's request, prompt
+    gates = [chunk_gate(G, Gam, prob, idx) for idx, prob in zip(chunks, problems)]
     h_norm = tres.h.norm(dim=1).to(dev)
     max_norm = hp.outer_clamp_norm_factor * h_norm
     Hp = None
@@ -386,14 +386,13 @@ def proxy_gradient_cosine(editor, reqs, templates, tres: TargetResult, per_insta
     if per_instance is None:
         per_instance = editor.hparams.gate_keys == "instance"
     prob = ChunkProblem(model, tok, adapter, reqs, L, templates, prefix_cache=False)
+    u = len(reqs)
     if per_instance:  # one gate column per prompt row (KL rows: their request's G column)
         G, Gam = structural_gate(editor, reqs, templates, per_instance=True)
-        u = len(reqs)
-        n_flat = Gam.shape[1] // u
-        gate = torch.cat([Gam, G], 1)[:, _row_gate_index(prob, torch.arange(u), u, n_flat).cpu()].to(R.device)
-        G = G.to(R.device)
+        G, Gam = G.to(R.device), Gam.to(R.device).reshape(u, u, -1)
     else:
-        G = gate = structural_gate(editor, reqs, templates, per_instance=False).to(R.device)
+        G, Gam = structural_gate(editor, reqs, templates, per_instance=False).to(R.device), None
+    gate = chunk_gate(G, Gam, prob, torch.arange(u, device=R.device))
     x = (gate.T @ tres.delta).clone().requires_grad_(True)
     nll_v, _ = prob.losses(x, with_kl=False, per_row=per_instance)
     (g_virt,) = torch.autograd.grad(nll_v.sum(), x)

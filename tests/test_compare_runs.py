@@ -27,16 +27,15 @@ IDS = [f"{b.parent.name}-{p.stem}" for b, p in PAIRS]
 
 @pytest.mark.parametrize("base_path,path", PAIRS, ids=IDS)
 def test_paired_difference_is_the_difference_of_the_run_metrics(base_path, path):
-    BASE = base_path
-    base, other = compare_runs.load_cases(str(BASE)), compare_runs.load_cases(str(path))
+    base, other = compare_runs.load_cases(str(base_path)), compare_runs.load_cases(str(path))
     out = compare_runs.compare(base, other, resamples=200)
-    pb, po = json.loads(BASE.read_text())["metrics_post"], json.loads(path.read_text())["metrics_post"]
+    pb, po = json.loads(base_path.read_text())["metrics_post"], json.loads(path.read_text())["metrics_post"]
     for m in compare_runs.METRICS:
         s = out["metrics"][m]
         assert s["n"] == 1000
         assert s["diff"] == pytest.approx(po[m] - pb[m], abs=1e-9)
         assert s["ci95"][0] <= s["diff"] <= s["ci95"][1]
-        if path == BASE:
+        if path == base_path:
             assert s["better"] == s["worse"] == 0 and s["ci95"] == [0.0, 0.0] and s["sign_test_p"] == 1.0
 
 
@@ -44,7 +43,6 @@ def test_paired_difference_is_the_difference_of_the_run_metrics(base_path, path)
     "base_path,path", [(b, p) for b, p in PAIRS if b != p], ids=[i for (b, p), i in zip(PAIRS, IDS) if b != p]
 )
 def test_magnitudes_against_the_records_probabilities(base_path, path):
-    BASE = base_path
 
     # Oracle: the field's EM / PM / NM recomputed here in fp64 from the logged log-probabilities
     # (exp(logprob), not the records' p fields), paired over the cases.
@@ -60,8 +58,10 @@ def test_magnitudes_against_the_records_probabilities(base_path, path):
                 out[k].append(sum(d) / len(d))
         return out
 
-    base, other = per_case(BASE), per_case(path)
-    out = compare_runs.compare(compare_runs.load_cases(str(BASE)), compare_runs.load_cases(str(path)), resamples=200)
+    base, other = per_case(base_path), per_case(path)
+    out = compare_runs.compare(
+        compare_runs.load_cases(str(base_path)), compare_runs.load_cases(str(path)), resamples=200
+    )
     for k in compare_runs.MAGNITUDE_KEYS:
         want = 100.0 * sum(o - b for o, b in zip(other[k], base[k])) / len(base[k])
         s = out["metrics"][k]

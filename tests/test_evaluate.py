@@ -372,9 +372,9 @@ def test_checkpoint_write_failure_does_not_stop_the_run(model_dir, corpus_file, 
 
 def test_recorded_commit_follows_the_override(monkeypatch):
     """A device runner's copy of the tree carries stale git metadata: METAKE_FAST_COMMIT names the code's commit."""
-    from metake_fast.evaluate import _git_commit
+    from metake_fast.evaluate import git_commit
 
     monkeypatch.delenv("METAKE_FAST_COMMIT", raising=False)
-    real = _git_commit()
+    real = git_commit()
     monkeypatch.setenv("METAKE_FAST_COMMIT", "abc1234")
-    assert _git_commit() == "abc1234" != real
+    assert git_commit() == "abc1234" != real
