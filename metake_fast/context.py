@@ -20,9 +20,12 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def generate_prefixes(model, tok, count: int = 5, length: int = 10, seed: int = 0, top_k: int = 5) -> list[str]:
-    """``count`` short texts sampled from the model (seeded top-k sampling, no KV cache needed)."""
-    gen = torch.Generator().manual_seed(seed)
+def generate_prefixes(
+    model, tok, count: int = 5, length: int = 10, seed: int = 0, top_k: int = 5, generator=None
+) -> list[str]:
+    """``count`` short texts sampled from the model (seeded top-k sampling, no KV cache needed).
+    ``generator`` (a ``torch.Generator``) replaces ``seed`` to continue one random stream."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     dev = model_device(model)
     out = []
     for i in range(count):
@@ -39,14 +42,26 @@ def generate_prefixes(model, tok, count: int = 5, length: int = 10, seed: int = 
     return out
 
 
-def context_templates(model, tok, count: int = 5, length: int = 10, seed: int = 0) -> list[list[str]]:
-    """``[["{}"], [prefix_1 + ". {}", ...]]`` (groups averaged equally)."""
-    if count <= 0:
+def context_templates(
+    model, tok, count: int = 5, length: int = 10, seed: int = 0, groups: list[list[int]] | None = None
+) -> list[list[str]]:
+    """``[["{}"], [prefix_1 + ". {}", ...]]`` (groups averaged equally).
+
+    ``groups``: ``[[length, count], ...]`` (EasyEdit's ``context_template_length_params``), one
+    group of ``count`` prefixes of ``length`` tokens per pair, in place of ``count`` / ``length``;
+    the prefixes are drawn one after another from the one seeded generator.
+    """
+    pairs = [(int(n), int(c)) for n, c in groups] if groups else [(length, count)]
+    pairs = [(n, c) for n, c in pairs if c > 0]
+    if not pairs:
         return [["{}"]]
-    key = (id(tok), count, length, seed)
+    key = (id(tok), tuple(pairs), seed)
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
-        prefixes = generate_prefixes(model, tok, count, length, seed)
-        clean = [p.replace("{", " ").replace("}", " ").strip() for p in prefixes]
-        per_model[key] = [["{}"], [c + ". {}" for c in clean]]
+        gen = torch.Generator().manual_seed(seed)
+        out = [["{}"]]
+        for n, c in pairs:
+            prefixes = generate_prefixes(model, tok, c, n, generator=gen)
+            out.append([p.replace("{", " ").replace("}", " ").strip() + ". {}" for p in prefixes])
+        per_model[key] = out
     return per_model[key]

@@ -215,13 +215,19 @@ class Editor:
         from .stats import second_moment
 
         hp = self.hparams
+        dt = torch.float64 if hp.solve_dtype == "float64" else torch.float32
+        if self.method == "rome" and not hp.mom2_adjustment:
+            # ROME without the covariance: direction k / (kᵀk), C = I; no statistics needed
+            for layer in self.layers:
+                d_k = self.adapter.key_dim(self.model, layer)
+                self._solvers[layer] = CovarianceSolver(torch.eye(d_k, dtype=dt), 1.0, layer=layer, dtype=dt)
+            return
         t0 = time.perf_counter()
         moments = second_moment(
             self.model, self.tok, self.layers, self.corpus, tokens=hp.stats_tokens, max_length=hp.stats_max_length,
             dtype=hp.stats_dtype, cache=self.cache, progress=self.progress,
         )  # fmt: skip
         self.stats_seconds += time.perf_counter() - t0
-        dt = torch.float64 if hp.solve_dtype == "float64" else torch.float32
         for layer in self.layers:
             C = moments[layer].mean
             if self.method in ("rome", "memit") or (self.method == "metake" and hp.base_solver == "memit"):
@@ -371,8 +377,9 @@ class Editor:
     def _templates(self):
         hp = self.hparams
         return context_templates(
-            self.model, self.tok, hp.context_template_count, hp.context_template_length, hp.context_template_seed
-        )
+            self.model, self.tok, hp.context_template_count, hp.context_template_length, hp.context_template_seed,
+            groups=hp.context_template_length_params,
+        )  # fmt: skip
 
     def _edit_batch(self, reqs: list[EditRequest], timing: dict):
         """Targets at the last layer, then the write (multi-layer for MEMIT/AlphaEdit)."""

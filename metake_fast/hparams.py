@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,10 @@ class EditHParams:
         target optimisation (METHOD.md "Target (z) optimisation").
     early_stop_nll: a request stops optimising once its mean target NLL is below this.
     context_template_count / context_template_length: generated context prefixes.
+    context_template_length_params: the EasyEdit / ROME form of the prefixes, a list of
+        ``[length, count]`` pairs, one group of ``count`` prefixes of ``length`` tokens per pair
+        (ROME's published ``[[5, 10], [10, 10]]``); when given it replaces
+        ``context_template_count`` / ``context_template_length``. Empty (default): one group.
     context_template_seed: seed of their sampling (0 as shipped). Another seed gives another
         set of prefixes and so an independent replicate of a run: the way to measure how much a
         result moves between runs of the same method (docs/RESULTS.md, "N = 1000 on an H200").
@@ -60,6 +65,7 @@ class EditHParams:
     context_template_count: int = 5
     context_template_length: int = 10
     context_template_seed: int = 0
+    context_template_length_params: list[list[int]] = field(default_factory=list)
     stats_tokens: int = 100_000
     stats_max_length: int = 512
     stats_dtype: str = "float32"
@@ -71,8 +77,14 @@ class EditHParams:
 
 @dataclass
 class RomeHParams(EditHParams):
-    """ROME: one layer, rank one per request (requests of a batch applied in sequence)."""
+    """ROME: one layer, rank one per request (requests of a batch applied in sequence).
 
+    mom2_adjustment: weight the rank-one direction by the key covariance, ``C⁻¹k`` (true, as
+        published for GPT-2 XL / GPT-J), or use the key itself, ``k`` (false, the published
+        Llama-3-8B setting); false needs no key statistics.
+    """
+
+    mom2_adjustment: bool = True
     method = "rome"
 
 
@@ -188,7 +200,17 @@ IGNORED = {
     "layer_selection",
     "stats_dir",
     "max_length",
+    "P_loc",  # a precomputed null-space projector: here it is computed from this run's statistics
+    "fp16",  # EasyEdit's model dtype: here the dtype the model was loaded in (--dtype)
 }
+
+#: fields that only ROME uses; for the other methods the published value is accepted (the
+#: published MEMIT / AlphaEdit code always weights by the key covariance) and anything else refused
+_ROME_ONLY = {"mom2_adjustment": True}
+
+#: fields a method's published files carry but its solve does not use: the AlphaEdit files keep
+#: MEMIT's ``mom2_update_weight`` (AlphaEdit's solve has ``L2`` in its place)
+_UNUSED_BY = {"alphaedit": {"mom2_update_weight"}}
 
 _CHOICES = {
     "stats_dtype": ("float32", "float64"),
@@ -241,6 +263,8 @@ def default_layers(num_layers: int, method: str = "memit") -> list[int]:
 def _coerce(name: str, typ, value):
     if isinstance(typ, str):
         typ = {"int": int, "float": float, "str": str, "bool": bool, "list[int]": list}.get(typ, typ)
+    if typ == "list[list[int]]":
+        return _coerce_pairs(name, value)
     if typ is bool:
         if not isinstance(value, bool):
             raise HParamsError(f"hparams field {name!r}: expected true/false, got {value!r}")
@@ -274,6 +298,19 @@ def _coerce(name: str, typ, value):
     return value
 
 
+def _coerce_pairs(name: str, value) -> list[list[int]]:
+    """``[[length, count], ...]`` with non-negative integers (EasyEdit's context_template_length_params)."""
+
+    def nonneg_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(nonneg_int(v) for v in p) for p in value
+    ):
+        raise HParamsError(f"hparams field {name!r}: expected a list of [length, count] pairs, got {value!r}")
+    return [[int(a), int(b)] for a, b in value]
+
+
 def make_hparams(method: str, values: dict | None = None, *, num_layers: int | None = None) -> EditHParams:
     """Build and validate the dataclass for ``method`` from a dict (EasyEdit names accepted)."""
     method = str(method).lower()
@@ -284,10 +321,19 @@ def make_hparams(method: str, values: dict | None = None, *, num_layers: int | N
     kwargs = {}
     for key, value in (values or {}).items():
         name = ALIASES.get(key, key)
-        if name in IGNORED:
+        if name in IGNORED or name in _UNUSED_BY.get(method, ()):
+            continue
+        if name in _ROME_ONLY and method != "rome":
+            if value != _ROME_ONLY[name]:
+                raise HParamsError(
+                    f"hparams field {key!r}: {value!r} applies to ROME only; {method} always weights by the key "
+                    f"covariance (leave it out or set {str(_ROME_ONLY[name]).lower()})"
+                )
             continue
         if name not in types:
-            raise HParamsError(f"unknown hparams field {key!r} for method {method!r}")
+            owners = [m for m, c in HPARAM_CLASSES.items() if name in {f.name for f in fields(c)}]
+            hint = f" (a field of {', '.join(owners)}: is the file for another method?)" if owners else ""
+            raise HParamsError(f"unknown hparams field {key!r} for method {method!r}{hint}")
         if value is None:
             raise HParamsError(f"hparams field {key!r} is empty")
         kwargs[name] = _coerce(name, types[name], value)
@@ -310,6 +356,7 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
         bad = [layer for layer in hp.layers if not 0 <= layer < num_layers]
         if bad:
             raise HParamsError(f"hparams field 'layers': {bad} out of range for a model with {num_layers} layers")
+    _coerce_pairs("context_template_length_params", hp.context_template_length_params)
     if getattr(hp, "gate_keys", "mean") == "instance" and getattr(hp, "gate_layers", "last") == "product":
         raise HParamsError("hparams field 'gate_keys': 'instance' needs gate_layers 'last' or 'spread', not 'product'")
     if getattr(hp, "history_weight", 0.0) > 0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
@@ -353,16 +400,35 @@ def load_hparams(
     return hp
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-1`` / ``2e-2`` are numbers (YAML 1.2 and JSON), not strings:
+    the published hparams files (EasyEdit, MEMIT, AlphaEdit) write ``v_lr: 1e-1``."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A YAML or (by suffix) JSON hparams file as a dict."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise HParamsError(f"cannot read hparams file {p}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HParamsError(f"hparams file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise HParamsError(f"hparams file {p} is not valid JSON: {exc}") from None
+    else:
+        try:
+            data = yaml.load(text, Loader=_Yaml12FloatLoader)
+        except yaml.YAMLError as exc:
+            raise HParamsError(f"hparams file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -385,7 +451,11 @@ def hparams_differences(stored: dict | None, hp: EditHParams) -> list[str]:
         for k, v in stored.items()
         if k not in cur or cur[k] != v
     ]
-    defaults = {f.name: f.default for f in fields(type(hp)) if f.default is not dataclasses.MISSING}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in fields(type(hp))
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
     for k in sorted(cur.keys() - stored.keys()):
         if k not in defaults or json.loads(json.dumps(defaults[k])) != cur[k]:
             out.append(f"{k}: not saved (so {defaults.get(k)!r} then), now {cur[k]!r}")
