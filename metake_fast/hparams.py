@@ -174,7 +174,9 @@ HPARAM_CLASSES: dict[str, type[EditHParams]] = {
     "metake": MetaKEHParams,
 }
 
-#: EasyEdit / reference-code names -> our field names
+#: EasyEdit / reference-code names -> our field names. ``mom2_n_samples`` counts Wikipedia texts
+#: in the published code and is read here as a token budget: the published 100,000 is this
+#: library's default budget, and a text corpus of that many documents is rarely at hand.
 ALIASES = {
     "mom2_n_samples": "stats_tokens",
     "mom2_dtype": "stats_dtype",
