@@ -520,6 +520,7 @@ class Editor:
             "model": self.model_name,
             "fingerprint": self.fingerprint,
             "hparams": to_dict(self.hparams),
+            "hparams_source": getattr(self.hparams, "source", "given"),
             "version": __version__,
             "requests": [r.to_dict() for r in self.history],
         }

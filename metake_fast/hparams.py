@@ -370,6 +370,39 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
     return hp
 
 
+#: a model's name (a hub id's or local directory's last part, lower case) -> the stem of its shipped
+#: files, for the models the published settings were written for
+MODEL_FILE_NAMES = {
+    "smollm2-135m": "smollm2-135m",
+    "gpt2-xl": "gpt2-xl",
+    "gpt-j-6b": "gpt-j-6b",
+    "eleutherai_gpt-j-6b": "gpt-j-6b",
+    **dict.fromkeys(
+        [
+            "llama3-8b",
+            "llama-3-8b",
+            "meta-llama-3-8b",
+            "llama3-8b-instruct",
+            "llama-3-8b-instruct",
+            "meta-llama-3-8b-instruct",
+        ],
+        "llama3-8b",
+    ),
+    "qwen2.5-7b": "qwen2.5-7b",
+    "qwen2.5-7b-instruct": "qwen2.5-7b",
+}
+
+
+def shipped_hparams_file(method: str, model_name: str | None) -> Path | None:
+    """The shipped ``hparams/<method>/<model>.yaml`` for a model name or path, if there is one:
+    ``"meta-llama/Meta-Llama-3-8B-Instruct"`` or ``/models/Meta-Llama-3-8B`` find ``llama3-8b.yaml``."""
+    if not model_name:
+        return None
+    name = str(model_name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    stem = MODEL_FILE_NAMES.get(name)
+    return _package_file(str(method).lower(), stem) if stem else None
+
+
 def _package_file(method: str, model: str) -> Path | None:
     try:
         p = resources.files("metake_fast") / "hparams" / method / f"{model}.yaml"
@@ -389,12 +422,19 @@ def load_hparams(
     """Hyperparameters for ``method``: from ``path`` if given, else the shipped file for
     ``model_name`` if there is one, else defaults with :func:`default_layers`; then ``overrides``."""
     values: dict = {}
+    source = "defaults"
     if path is not None:
-        values = read_yaml(path)
-    elif model_name is not None and (f := _package_file(str(method).lower(), str(model_name).lower())):
-        values = read_yaml(f)
+        values, source = read_yaml(path), str(path)
+    elif f := shipped_hparams_file(method, model_name):
+        values, source = read_yaml(f), f"shipped {f.parent.name}/{f.name}"
+    if overrides:
+        source += f" + overrides ({', '.join(sorted(overrides))})"
     values = {**values, **(overrides or {})}
-    hp = make_hparams(method, values, num_layers=num_layers)
+    try:
+        hp = make_hparams(method, values, num_layers=num_layers)
+    except HParamsError as exc:
+        raise HParamsError(f"{exc} ({source})" if not source.startswith("defaults") else str(exc)) from None
+    hp.source = source
     if not hp.layers:
         if num_layers is None:
             raise HParamsError("no layers given and the model's depth is unknown")

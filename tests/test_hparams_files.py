@@ -7,6 +7,7 @@ EasyEdit)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ pytest.importorskip("transformers")
 
 from _tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
+from metake_fast import hparams as hparams_mod  # noqa: E402
 from metake_fast import stats as stats_mod  # noqa: E402
 from metake_fast.editor import Editor  # noqa: E402
 from metake_fast.hparams import (  # noqa: E402
@@ -24,6 +26,7 @@ from metake_fast.hparams import (  # noqa: E402
     load_hparams,
     make_hparams,
     read_yaml,
+    shipped_hparams_file,
     to_dict,
 )
 from metake_fast.models import get_adapter  # noqa: E402
@@ -197,3 +200,77 @@ def test_context_template_length_params_build_one_group_per_pair():
     # the groups are used: the edit runs and its keys average over all three groups
     ed.edit(REQS[:1], score=False)
     assert ed.weight_deltas()[2].abs().max() > 0
+
+
+# ------------------------------------------------------------------ shipped files for published models
+
+# decoder layers of each model the shipped files are written for
+DEPTH = {"smollm2-135m": 30, "gpt2-xl": 48, "gpt-j-6b": 28, "llama3-8b": 32, "qwen2.5-7b": 28}
+SHIPPED = sorted((Path(hparams_mod.__file__).parent / "hparams").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.stem}" for p in SHIPPED])
+def test_every_shipped_file_loads_for_its_model(path):
+    method, model = path.parent.name, path.stem
+    assert model in DEPTH, f"{path}: add the model's depth to DEPTH"
+    hp = load_hparams(method, model, num_layers=DEPTH[model])
+    assert hp.source == f"shipped {method}/{model}.yaml"
+    assert max(hp.layers) < DEPTH[model] - 1  # at least one layer above the band
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3-8b"),
+        ("/models/Meta-Llama-3-8B/", "llama3-8b"),
+        ("EleutherAI/gpt-j-6B", "gpt-j-6b"),
+        ("gpt2-xl", "gpt2-xl"),
+        ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+        ("smollm2-135m", "smollm2-135m"),
+        ("gpt2", None),
+        ("/models/my-llama3-8b-finetune", None),
+        ("", None),
+    ],
+)
+def test_model_names_find_their_shipped_file(name, stem):
+    f = shipped_hparams_file("alphaedit", name)
+    assert (f.stem if f else None) == stem
+
+
+# the published values (the AlphaEdit paper's code / EasyEdit / ROME's code) the files carry
+PUBLISHED = [
+    ("alphaedit", "llama3-8b", {"layers": [4, 5, 6, 7, 8], "v_lr": 0.1, "v_weight_decay": 0.5, "L2": 10.0}),
+    ("alphaedit", "gpt-j-6b", {"layers": [3, 4, 5, 6, 7, 8], "v_lr": 0.5, "nullspace_threshold": 0.02}),
+    ("alphaedit", "gpt2-xl", {"layers": [13, 14, 15, 16, 17], "v_num_grad_steps": 20}),
+    ("alphaedit", "qwen2.5-7b", {"clamp_norm_factor": 4.0, "v_weight_decay": 1e-3, "L2": 1.0}),
+    ("memit", "gpt2-xl", {"mom2_update_weight": 20000.0, "v_weight_decay": 0.5}),
+    ("memit", "llama3-8b", {"mom2_update_weight": 15000.0, "v_lr": 0.1}),
+    ("rome", "gpt2-xl", {"layers": [17], "clamp_norm_factor": 4.0, "mom2_adjustment": True}),
+    ("rome", "llama3-8b", {"layers": [5], "mom2_adjustment": False,
+                           "context_template_length_params": [[5, 10], [10, 10]]}),
+    ("metake", "llama3-8b", {"v_lr": 0.1, "v_weight_decay": 0.5, "gate_layers": "spread", "gate_keys": "instance"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "model", "values"), PUBLISHED, ids=[f"{m}/{n}" for m, n, _ in PUBLISHED])
+def test_shipped_files_carry_the_published_values(method, model, values):
+    hp = load_hparams(method, model, num_layers=DEPTH[model])
+    assert {k: getattr(hp, k) for k in values} == values
+
+
+def test_a_model_named_like_a_published_one_gets_its_file():
+    # a local directory named Meta-Llama-3-8B: the published ROME setting, with overrides on top
+    model = tiny_model("llama", layers=8, seed=1)
+    ed = Editor(model, tiny_tokenizer(), "rome", {"v_num_grad_steps": 3, "stats_tokens": 2000},
+                model_name="/models/Meta-Llama-3-8B", cache=False, progress=False)  # fmt: skip
+    assert ed.describe()["hparams_source"] == "shipped rome/llama3-8b.yaml + overrides (stats_tokens, v_num_grad_steps)"
+    assert ed.layers == [5] and ed.hparams.mom2_adjustment is False
+    assert [len(g) for g in ed._templates()] == [1, 10, 10]
+    ed.edit(REQS[:1], score=False)
+    assert ed.stats_seconds == 0.0 and ed.weight_deltas()[5].abs().max() > 0
+
+
+def test_a_shipped_file_that_does_not_fit_the_model_names_itself():
+    with pytest.raises(HParamsError, match=r"out of range.*shipped alphaedit/gpt2-xl.yaml"):
+        Editor(tiny_model("gpt2", layers=4), tiny_tokenizer(), "alphaedit", model_name="gpt2-xl", cache=False,
+               progress=False)  # fmt: skip
