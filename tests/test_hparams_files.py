@@ -248,7 +248,7 @@ PUBLISHED = [
     ("rome", "gpt2-xl", {"layers": [17], "clamp_norm_factor": 4.0, "mom2_adjustment": True}),
     ("rome", "llama3-8b", {"layers": [5], "mom2_adjustment": False,
                            "context_template_length_params": [[5, 10], [10, 10]]}),
-    ("metake", "llama3-8b", {"v_lr": 0.1, "v_weight_decay": 0.5, "gate_layers": "spread", "gate_keys": "instance"}),
+    ("metake", "llama3-8b", {"v_lr": 0.1, "v_weight_decay": 0.5, "gate_layers": "spread", "outer_lr": 0.04}),
 ]  # fmt: skip
 
 
