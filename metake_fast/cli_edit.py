@@ -46,7 +46,11 @@ def _domain_errors() -> tuple[type[BaseException], ...]:
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local model directory")
     p.add_argument("--method", default="alphaedit", choices=list(METHODS), help="editing method (default alphaedit)")
-    p.add_argument("--hparams", default=None, help="YAML hyperparameter file (default: shipped file / defaults)")
+    p.add_argument(
+        "--hparams",
+        default=None,
+        help="hyperparameter file, YAML or JSON; the published MEMIT / AlphaEdit / EasyEdit files load as they are (default: the shipped file for the model, else defaults)",
+    )
     p.add_argument("--corpus", default=None, help="text / .jsonl / .jsonl.gz file for the key statistics")
     p.add_argument("--stats-tokens", type=positive_int, default=None, help="token budget of the key statistics")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
