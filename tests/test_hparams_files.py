@@ -274,3 +274,37 @@ def test_a_shipped_file_that_does_not_fit_the_model_names_itself():
     with pytest.raises(HParamsError, match=r"out of range.*shipped alphaedit/gpt2-xl.yaml"):
         Editor(tiny_model("gpt2", layers=4), tiny_tokenizer(), "alphaedit", model_name="gpt2-xl", cache=False,
                progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arch", "name", "method"),
+    [
+        ("gptj", "EleutherAI/gpt-j-6B", "metake"),
+        ("gpt2", "gpt2-xl", "alphaedit"),
+        ("llama", "meta-llama/Meta-Llama-3-8B-Instruct", "metake"),
+        ("qwen2", "Qwen/Qwen2.5-7B-Instruct", "memit"),
+    ],
+)
+def test_shipped_published_files_edit_a_model_of_that_depth(arch, name, method):
+    # a tiny random model with the published model's depth, named like it: its shipped file
+    # (GPT-J: a six-layer band; MetaKE: the spread gate with per-prompt keys) edits and restores
+    stem = shipped_hparams_file("alphaedit", name).stem
+    model = tiny_model(arch, layers=DEPTH[stem], seed=2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    small = {"v_num_grad_steps": 3, "stats_tokens": 1500, "stats_max_length": 64, "context_template_count": 2,
+             "context_template_length": 3}  # fmt: skip
+    if method == "metake":
+        small["outer_steps"] = 2
+    if method == "memit" and stem == "qwen2.5-7b":  # no published MEMIT file for Qwen2.5: defaults
+        assert shipped_hparams_file("memit", name) is None
+    ed = Editor(model, tiny_tokenizer(), method, small, model_name=name, cache=False, progress=False)
+    shipped = shipped_hparams_file(method, name)
+    if shipped is not None:
+        assert ed.hparams.source.startswith(f"shipped {method}/{stem}.yaml")
+        assert ed.layers == read_yaml(shipped)["layers"]
+    report = ed.edit(REQS, score=True)
+    assert len(report.requests) == len(REQS)
+    deltas = ed.weight_deltas()
+    assert set(deltas) == set(ed.layers) and all(d.abs().max() > 0 for d in deltas.values())
+    ed.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
