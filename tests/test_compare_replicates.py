@@ -1,0 +1,101 @@
+"""bench/compare_replicates.py: the random-effects pool against closed forms and simulation,
+and end to end on the shipped N = 1000 records (each pair's difference is compare_runs')."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compare_replicates as cr  # noqa: E402
+import compare_runs  # noqa: E402
+
+RES = ROOT / "docs" / "results"
+
+
+def test_equal_estimates_have_no_between_pair_variance():
+    r = cr.random_effects([1.5, 1.5, 1.5], [0.2, 0.5, 1.0])
+    assert r["tau2"] == 0.0 and r["random"] == pytest.approx(1.5) and r["fixed"] == pytest.approx(1.5)
+    # the modified HKSJ interval is never narrower than t · (fixed-effect standard error)
+    se = math.sqrt(1.0 / (1 / 0.2 + 1 / 0.5 + 1 / 1.0))
+    assert r["ci95"] == pytest.approx([1.5 - cr.t975(2) * se, 1.5 + cr.t975(2) * se])
+
+
+def test_two_pairs_closed_form():
+    # equal within-pair variance v: Q = (d1 − d2)² / (2v), τ² = max(0, (d1 − d2)²/2 − v)
+    v = 0.5
+    for d1, d2 in [(3.0, -1.0), (0.2, 0.0)]:
+        r = cr.random_effects([d1, d2], [v, v])
+        assert r["q"] == pytest.approx((d1 - d2) ** 2 / (2 * v))
+        assert r["tau2"] == pytest.approx(max(0.0, (d1 - d2) ** 2 / 2 - v))
+        assert r["random"] == pytest.approx((d1 + d2) / 2)
+        half = cr.t975(1) * math.sqrt(max(1.0, (d1 - d2) ** 2 / (2 * (v + r["tau2"]))) / (2 / (v + r["tau2"])))
+        assert r["ci95"] == pytest.approx([(d1 + d2) / 2 - half, (d1 + d2) / 2 + half])
+
+
+def test_one_pair_is_its_own_estimate():
+    r = cr.random_effects([2.0], [0.25])
+    assert r["random"] == 2.0 and r["tau2"] is None and r["ci95"] is None and r["fixed_se"] == 0.5
+
+
+def test_tau2_and_coverage_by_simulation():
+    rng = np.random.default_rng(0)
+    # many pairs: the DL τ² is consistent
+    k, tau2 = 400, 4.0
+    v = rng.uniform(0.5, 2.0, k)
+    d = 1.0 + rng.normal(0, math.sqrt(tau2), k) + rng.normal(0, np.sqrt(v))
+    assert cr.random_effects(d, v)["tau2"] == pytest.approx(tau2, rel=0.25)
+    # few pairs: the interval covers the true mean at least about 95 % of the time (here 97 %; the DL
+    # z-interval covers it 88 % of the time on these draws)
+    hits, reps = 0, 2000
+    for _ in range(reps):
+        v = rng.uniform(0.5, 2.0, 4)
+        d = rng.normal(0, math.sqrt(tau2), 4) + rng.normal(0, np.sqrt(v))
+        lo, hi = cr.random_effects(d, v)["ci95"]
+        hits += lo <= 0.0 <= hi
+    assert 0.93 <= hits / reps <= 0.995
+
+
+def test_t_quantiles():
+    assert cr.t975(1) == 12.706 and cr.t975(30) == 2.042
+    assert abs(cr.t975(31) - 2.0395) < 2e-3 and abs(cr.t975(120) - 1.9799) < 1e-3
+    assert all(cr.t975(df) > cr.t975(df + 1) for df in range(1, 60))
+    with pytest.raises(ValueError):
+        cr.t975(0)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        cr.random_effects([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        cr.random_effects([1.0, 2.0], [1.0, 0.0])
+    assert cr.main(["only-one-file.json"]) == 2
+
+
+def test_on_the_shipped_runs(tmp_path):
+    pairs = [
+        (RES / "cf_n1000_b100_alphaedit.json", RES / "cf_n1000_b100_metake_spread.json"),
+        (RES / "h200" / "cf_n1000_b100_alphaedit.json", RES / "h200" / "cf_n1000_b100_metake.json"),
+        (RES / "h200" / "cfho_n1000_b100_alphaedit.json", RES / "h200" / "cfho_n1000_b100_metake.json"),
+    ]
+    out = tmp_path / "pooled.json"
+    assert cr.main([f"{a}:{b}" for a, b in pairs] + ["--out", str(out)]) == 0
+    pooled = json.loads(out.read_text())["metrics"]
+    for i, (a, b) in enumerate(pairs):
+        # each pair's difference and standard error are compare_runs' paired difference
+        c = compare_runs.compare(compare_runs.load_cases(str(a)), compare_runs.load_cases(str(b)), resamples=2000)
+        for m in compare_runs.METRICS:
+            p = pooled[m]["pairs"][i]
+            assert p["n"] == 1000 and p["diff"] == pytest.approx(c["metrics"][m]["diff"], abs=1e-9)
+            lo, hi = c["metrics"][m]["ci95"]
+            assert 1.96 * p["se"] == pytest.approx((hi - lo) / 2, rel=0.15)  # bootstrap ≈ normal interval
+    g = pooled["generalization"]
+    assert g["ci95"][0] < g["random"] < g["ci95"][1]
+    assert g["ci95"][1] - g["ci95"][0] > 2 * 1.96 * g["fixed_se"]  # run noise widens the interval
