@@ -493,10 +493,11 @@ def hparams_differences(stored: dict | None, hp: EditHParams) -> list[str]:
         for k, v in stored.items()
         if k not in cur or cur[k] != v
     ]
+    # ``layers`` is resolved per model and always saved: it has no default to fall back on
     defaults = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
         for f in fields(type(hp))
-        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if f.name != "layers" and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
     }
     for k in sorted(cur.keys() - stored.keys()):
         if k not in defaults or json.loads(json.dumps(defaults[k])) != cur[k]:
