@@ -28,7 +28,7 @@ from .models import get_adapter, load_model, weights_fingerprint
 from .ops import apply_update_
 from .requests import EditRequest, RequestError, from_easyedit, validate_requests
 from .scoring import score_objects
-from .solvers import CovarianceSolver, NullSpaceSolver
+from .solvers import CovarianceSolver, IdentityRomeSolver, NullSpaceSolver
 from .targets import TargetConfig, TargetResult, optimize_targets
 
 log = logging.getLogger("metake_fast")
@@ -217,10 +217,11 @@ class Editor:
         hp = self.hparams
         dt = torch.float64 if hp.solve_dtype == "float64" else torch.float32
         if self.method == "rome" and not hp.mom2_adjustment:
-            # ROME without the covariance: direction k / (kᵀk), C = I; no statistics needed
+            # ROME without the covariance: direction k / (kᵀk); no statistics needed
             for layer in self.layers:
-                d_k = self.adapter.key_dim(self.model, layer)
-                self._solvers[layer] = CovarianceSolver(torch.eye(d_k, dtype=dt), 1.0, layer=layer, dtype=dt)
+                self._solvers[layer] = IdentityRomeSolver(
+                    self.adapter.key_dim(self.model, layer), layer=layer, dtype=dt
+                )
             return
         t0 = time.perf_counter()
         moments = second_moment(
@@ -514,13 +515,19 @@ class Editor:
 
         load_delta(self, path)
 
+    @property
+    def hparams_source(self) -> str:
+        """Where the hyperparameters came from (a file, a shipped file, defaults, + overrides), as
+        :func:`~metake_fast.hparams.load_hparams` recorded it; ``"given"`` for a dataclass built elsewhere."""
+        return getattr(self.hparams, "source", "given")
+
     def describe(self) -> dict:
         return {
             "method": self.method,
             "model": self.model_name,
             "fingerprint": self.fingerprint,
             "hparams": to_dict(self.hparams),
-            "hparams_source": getattr(self.hparams, "source", "given"),
+            "hparams_source": self.hparams_source,
             "version": __version__,
             "requests": [r.to_dict() for r in self.history],
         }

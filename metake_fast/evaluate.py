@@ -739,7 +739,7 @@ def run_evaluation(
         "commit": sessions[-1]["commit"] if sessions else git_commit(),
         "sessions": sessions,
         "hparams": to_dict(editor.hparams),
-        "hparams_source": getattr(editor.hparams, "source", "given"),
+        "hparams_source": editor.hparams_source,
         # sampled from the model (seeded): rounding on another device can change a token, and
         # with it every target, so they are part of what a run measured
         "context_templates": editor._templates(),

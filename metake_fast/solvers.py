@@ -243,6 +243,14 @@ class _LayerSolver:
         return _prep_keys(K, self.d_k, self.dtype, self.device, self.layer)
 
 
+def _rank_one_columns(U: torch.Tensor, denom: torch.Tensor, layer) -> torch.Tensor:
+    """ROME's ``Y_i = u_i / (u_iᵀ k_i)`` given the directions ``U`` and ``u_iᵀ k_i`` (zero: a zero key)."""
+    if not bool((denom > 0).all()):
+        bad = (denom <= 0).nonzero().flatten().tolist()
+        raise SolverError(f"{_where(layer)}zero key in column(s) {bad}")
+    return U / denom
+
+
 class CovarianceSolver(_LayerSolver):
     """ROME / MEMIT solves for one layer against a cached Cholesky factor of ``C``.
 
@@ -278,11 +286,8 @@ class CovarianceSolver(_LayerSolver):
             return _out(K.new_zeros(self.d_k, 0), self.out_dtype)
         B = torch.linalg.solve_triangular(self.L, K, upper=False)  # L⁻¹K
         denom = (B * B).sum(dim=0)  # k_iᵀ C⁻¹ k_i
-        if not bool((denom > 0).all()):
-            bad = (denom <= 0).nonzero().flatten().tolist()
-            raise SolverError(f"{_where(self.layer)}zero key in column(s) {bad}")
-        Y = torch.linalg.solve_triangular(self.L.T, B, upper=True) / denom
-        return _out(Y, self.out_dtype)
+        U = torch.linalg.solve_triangular(self.L.T, B, upper=True)  # C⁻¹K
+        return _out(_rank_one_columns(U, denom, self.layer), self.out_dtype)
 
     def memit(self, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MEMIT: ``Y = (λC + KKᵀ)⁻¹ K`` by Woodbury, ``C⁻¹K (λI + KᵀC⁻¹K)⁻¹``.
@@ -297,6 +302,23 @@ class CovarianceSolver(_LayerSolver):
             return _out(K.new_zeros(self.d_k, 0), self.out_dtype), _out(K.new_zeros(0, 0), self.out_dtype)
         Y, G = _woodbury_core(self.L, K, self.lam, self.layer)
         return _out(Y, self.out_dtype), _out(G, self.out_dtype)
+
+
+class IdentityRomeSolver:
+    """ROME without the covariance (``mom2_adjustment: false``): ``Y_i = k_i / (k_iᵀ k_i)``, which is
+    :meth:`CovarianceSolver.rome` with ``C = I`` but keeps no ``d_k × d_k`` state and needs no
+    statistics. Solves on the keys' device."""
+
+    def __init__(
+        self, d_k: int, *, layer=None, dtype: torch.dtype = torch.float64, out_dtype: torch.dtype | None = torch.float32
+    ):
+        self.d_k, self.layer, self.dtype, self.out_dtype = int(d_k), layer, dtype, out_dtype
+
+    def rome(self, K: torch.Tensor) -> torch.Tensor:
+        K = _prep_keys(K, self.d_k, self.dtype, K.device, self.layer)
+        if K.shape[1] == 0:
+            return _out(K.new_zeros(self.d_k, 0), self.out_dtype)
+        return _out(_rank_one_columns(K, (K * K).sum(dim=0), self.layer), self.out_dtype)
 
 
 def _history_scale(mu, layer) -> float:

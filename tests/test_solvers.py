@@ -9,6 +9,7 @@ import torch
 
 from metake_fast.solvers import (
     CovarianceSolver,
+    IdentityRomeSolver,
     NullSpaceSolver,
     SolverError,
     SolverWarning,
@@ -117,6 +118,20 @@ def test_rome_realises_target():
         torch.testing.assert_close(Y[:, i], ck / (ck @ k), rtol=1e-9, atol=1e-12)
     Y1 = solver.rome(K[:, 2])  # a single vector works too, and matches its column
     torch.testing.assert_close(Y1[:, 0], Y[:, 2])
+
+
+def test_rome_without_covariance_is_rome_with_identity():
+    # mom2_adjustment: false. Oracle: the covariance solver fed C = I, and (W + ΔW) k* = v*.
+    d_k, u = 24, 5
+    K = _keys(d_k, u, 6)
+    Y = IdentityRomeSolver(d_k, layer=3, out_dtype=None).rome(K)
+    torch.testing.assert_close(Y, CovarianceSolver(torch.eye(d_k, dtype=F64), lam=1.0, out_dtype=None).rome(K))
+    torch.testing.assert_close((Y * K).sum(0), torch.ones(u, dtype=F64))  # Y_iᵀ k_i = 1
+    assert IdentityRomeSolver(d_k).rome(K).dtype == torch.float32
+    assert IdentityRomeSolver(d_k).rome(K[:, :0]).shape == (d_k, 0)
+    K[:, 2] = 0
+    with pytest.raises(SolverError, match="layer 3.*zero key in column.*2"):
+        IdentityRomeSolver(d_k, layer=3).rome(K)
 
 
 @pytest.mark.parametrize("u", [1, 4, 30])
