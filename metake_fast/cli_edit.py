@@ -230,6 +230,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"{name[8:]:14} " + " ".join(f"{c:>9}" for c in cells))
     eps = "-" if t["edits_per_s"] is None else f"{t['edits_per_s']:.3f}"
     print(f"stats {t['stats_s']:.1f}s  edit {t['edit_s']:.1f}s ({eps} edits/s)  eval {t['eval_s']:.1f}s")
+    e = results["edit"]
+    if e.get("targets_unreached"):
+        print(
+            f"targets unreached: {e['targets_unreached']} of {results['num_edits']} stopped above the target NLL "
+            f"{results['hparams']['early_stop_nll']:g} after {results['hparams']['v_num_grad_steps']} steps"
+        )
     print(f"results: {args.out}  records: {results['records']}")
     return 0
 

@@ -66,6 +66,19 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _warn_unreached(reports: list[RequestReport], hp) -> None:
+    """Log once per call when at least a fifth of the planned targets ran out of steps."""
+    bad = [r.target_nll for r in reports if r.target_nll > hp.early_stop_nll]
+    if reports and len(bad) >= max(2, len(reports) / 5):
+        bad.sort()
+        log.warning(
+            "%d of %d planned targets stopped above the target NLL %g after v_num_grad_steps=%d (median %.2f "
+            "per object token); their edits may not take. Objects of several tokens often need more steps: "
+            "raise v_num_grad_steps (e.g. examples/hparams/*_steps50.yaml)",
+            len(bad), len(reports), hp.early_stop_nll, hp.v_num_grad_steps, bad[len(bad) // 2],
+        )  # fmt: skip
+
+
 @dataclass
 class EditReport:
     """What :meth:`Editor.edit` did: per-request records, a time breakdown (seconds) and totals."""
@@ -75,6 +88,12 @@ class EditReport:
     timing: dict[str, float] = field(default_factory=dict)
     batches: int = 0
     running: dict | None = None
+    stop_nll: float = 5e-2  # the target loop's per-request stop (hparams.early_stop_nll)
+
+    @property
+    def unreached(self) -> int:
+        """Requests whose planned target stopped above ``stop_nll`` (the step budget ran out first)."""
+        return sum(1 for r in self.requests if r.target_nll > self.stop_nll)
 
     @property
     def efficacy(self) -> float:
@@ -93,7 +112,7 @@ class EditReport:
             f"{self.method}: {n} edits in {self.batches} batch(es); efficacy {100 * self.efficacy:.1f}%; "
             f"mean P(new) {_mean([r.p_new_pre for r in self.requests]):.3f} -> {_mean([r.p_new_post for r in self.requests]):.3f}; "
             f"realised {_mean([r.realised for r in self.requests]):.2f}; "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+            f"targets unreached {self.unreached}/{n}; " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
         )
 
     def table(self, max_rows: int = 50) -> str:
@@ -117,6 +136,8 @@ class EditReport:
             "efficacy": self.efficacy,
             "timing": self.timing,
             "running": self.running,
+            "stop_nll": self.stop_nll,
+            "unreached": self.unreached,
             "requests": [r.__dict__ for r in self.requests],
         }
 
@@ -273,7 +294,7 @@ class Editor:
             raise RequestError(None, f"batch_size must be a positive integer, got {batch_size!r}", code="batch_size")
         reqs = validate_requests(requests, self.tok)
         self._check_resident()
-        report = EditReport(self.method)
+        report = EditReport(self.method, stop_nll=self.hparams.early_stop_nll)
         if not reqs:
             return report
         timing = {"stats": 0.0, "keys": 0.0, "targets": 0.0, "solve": 0.0, "apply": 0.0, "score": 0.0}
@@ -314,6 +335,7 @@ class Editor:
                 )  # fmt: skip
                 i += 1
         report.batches = nb
+        _warn_unreached(report.requests[-len(reqs) :], self.hparams)
         if track:
             t0 = time.perf_counter()
             p_new, p_true = self._score(self.history)

@@ -651,7 +651,7 @@ def run_evaluation(
     # so that the running efficacy of every edit so far is logged after each batch to
     # <out stem>.progress.jsonl: an hours-long run shows collapse as it happens and leaves
     # a partial result if it is stopped.
-    report = EditReport(editor.method)
+    report = EditReport(editor.method, stop_nll=editor.hparams.early_stop_nll)
     report.timing = {}
     done, edit_s_before, progress_lines, sessions = 0, 0.0, [], []
     if state_path is not None and state_path.exists():
@@ -749,6 +749,7 @@ def run_evaluation(
             "min_realised": _finite(min(realised)) if realised else None,
             "mean_target_nll": _finite(_mean(nll)) if nll else None,
             "mean_target_steps": _mean(steps),
+            "targets_unreached": report.unreached,  # planned target NLL above the stop when the steps ran out
             "fallbacks": sum(r.fallback for r in report.requests),
         },
         "fluency_settings": {"prompts_per_case": fluency_prompts, "new_tokens": fluency_tokens, "greedy": True}

@@ -478,3 +478,26 @@ def test_context_template_seed_gives_a_replicate(cache):
     assert not _same(d0, d1)
     with pytest.raises(HParamsError, match="context_template_seed"):
         make_editor(cache, "alphaedit", context_template_seed=-1)
+
+
+# ---------------------------------------------------------------------------- unreached targets
+
+
+def test_unreached_targets_are_counted_and_warned(cache, caplog):
+    """A step budget too short for the stop NLL leaves targets unreached: counted, summarised, warned once."""
+    ed = make_editor(cache, "alphaedit", v_num_grad_steps=1)
+    with caplog.at_level("WARNING", logger="metake_fast"):
+        report = ed.edit(REQS, batch_size=3)
+    nll = [r.target_nll for r in report.requests]
+    assert all(n > ed.hparams.early_stop_nll for n in nll)  # one step from δ = 0 on a random model
+    assert report.unreached == 3 and report.to_dict()["unreached"] == 3
+    assert "targets unreached 3/3" in report.summary()
+    warned = [r.getMessage() for r in caplog.records if "v_num_grad_steps=1" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("3 of 3 planned targets")
+
+    caplog.clear()
+    ed2 = make_editor(cache, "alphaedit", v_num_grad_steps=1, early_stop_nll=1e6)
+    with caplog.at_level("WARNING", logger="metake_fast"):
+        report2 = ed2.edit(REQS, batch_size=3)
+    assert report2.unreached == 0 and "targets unreached 0/3" in report2.summary()
+    assert not [r for r in caplog.records if "planned targets" in r.getMessage()]

@@ -282,6 +282,9 @@ def test_run_evaluation_full_counterfact(model_dir, corpus_file, tmp_path):
     # metrics_post is the mean of the per-request records
     eff = sum(r["post"]["efficacy"] for r in recs) / 4
     assert data["metrics_post"]["efficacy"] == pytest.approx(100 * eff)
+    # targets that ran out of steps: counted from the per-request target NLLs against the stop
+    stop = data["hparams"]["early_stop_nll"]
+    assert data["edit"]["targets_unreached"] == sum(r["edit"]["target_nll"] > stop for r in recs)
 
 
 def test_run_evaluation_zsre_records_path(model_dir, corpus_file, tmp_path):
