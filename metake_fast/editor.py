@@ -71,11 +71,12 @@ def _warn_unreached(reports: list[RequestReport], hp) -> None:
     bad = [r.target_nll for r in reports if r.target_nll > hp.early_stop_nll]
     if reports and len(bad) >= max(2, len(reports) / 5):
         bad.sort()
+        hint = " (e.g. examples/hparams/*_steps50.yaml)" if hp.v_num_grad_steps < 50 else ""
         log.warning(
             "%d of %d planned targets stopped above the target NLL %g after v_num_grad_steps=%d (median %.2f "
             "per object token); their edits may not take. Objects of several tokens often need more steps: "
-            "raise v_num_grad_steps (e.g. examples/hparams/*_steps50.yaml)",
-            len(bad), len(reports), hp.early_stop_nll, hp.v_num_grad_steps, bad[len(bad) // 2],
+            "raise v_num_grad_steps%s",
+            len(bad), len(reports), hp.early_stop_nll, hp.v_num_grad_steps, bad[len(bad) // 2], hint,
         )  # fmt: skip
 
 
