@@ -66,17 +66,17 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _warn_unreached(reports: list[RequestReport], hp) -> None:
-    """Log once per call when at least a fifth of the planned targets ran out of steps."""
-    bad = [r.target_nll for r in reports if r.target_nll > hp.early_stop_nll]
-    if reports and len(bad) >= max(2, len(reports) / 5):
-        bad.sort()
+def _warn_unreached(report: EditReport, hp) -> None:
+    """Log once per call when at least a fifth of the report's planned targets ran out of steps."""
+    n = report.unreached
+    if n and n >= max(2, len(report.requests) / 5):
+        bad = sorted(r.target_nll for r in report.requests if r.target_nll > report.stop_nll)
         hint = " (e.g. examples/hparams/*_steps50.yaml)" if hp.v_num_grad_steps < 50 else ""
         log.warning(
             "%d of %d planned targets stopped above the target NLL %g after v_num_grad_steps=%d (median %.2f "
             "per object token); their edits may not take. Objects of several tokens often need more steps: "
             "raise v_num_grad_steps%s",
-            len(bad), len(reports), hp.early_stop_nll, hp.v_num_grad_steps, bad[len(bad) // 2], hint,
+            n, len(report.requests), report.stop_nll, hp.v_num_grad_steps, bad[len(bad) // 2], hint,
         )  # fmt: skip
 
 
@@ -336,7 +336,7 @@ class Editor:
                 )  # fmt: skip
                 i += 1
         report.batches = nb
-        _warn_unreached(report.requests[-len(reqs) :], self.hparams)
+        _warn_unreached(report, self.hparams)
         if track:
             t0 = time.perf_counter()
             p_new, p_true = self._score(self.history)
