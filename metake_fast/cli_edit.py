@@ -1,11 +1,14 @@
 """``metake-fast edit`` and ``metake-fast evaluate`` (registered into :mod:`metake_fast.cli`).
 
     metake-fast edit --model smollm2-135m --method alphaedit --requests FILE.json \\
-        [--batch-size B] [--hparams FILE.yaml] [--corpus PATH] [--stats-tokens T] \\
+        [--batch-size B] [--hparams FILE.yaml] [--set KEY=VALUE ...] [--corpus PATH] [--stats-tokens T] \\
         --save-delta OUT.safetensors [--no-progress]
     metake-fast evaluate --model smollm2-135m --method {rome,memit,alphaedit,metake} \\
         --dataset {counterfact,zsre} --data PATH --num-edits N --batch-size B \\
-        [--hparams FILE.yaml] [--corpus PATH] [--stats-tokens T] --out results.json
+        [--hparams FILE.yaml] [--set KEY=VALUE ...] [--corpus PATH] [--stats-tokens T] --out results.json
+
+``--set`` changes single hyperparameters on top of the file (or the shipped one), e.g.
+``--set v_num_grad_steps=50``; unknown fields and bad values are rejected before the model loads.
 
 Bad input (missing files, unknown method, sizes <= 0, bad hparams, requests or data, a model
 that cannot be loaded, a failed edit batch) exits with code 2 and one line on stderr.
@@ -50,6 +53,14 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
         "--hparams",
         default=None,
         help="hyperparameter file, YAML or JSON; the published MEMIT / AlphaEdit / EasyEdit files load as they are (default: the shipped file for the model, else defaults)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one hyperparameter on top of --hparams / the shipped file (repeatable; YAML values: "
+        "--set v_num_grad_steps=50 --set layers=[4,5,6])",
     )
     p.add_argument("--corpus", default=None, help="text / .jsonl / .jsonl.gz file for the key statistics")
     p.add_argument("--stats-tokens", type=positive_int, default=None, help="token budget of the key statistics")
@@ -131,14 +142,15 @@ def run_edit(args: argparse.Namespace) -> int:
 def _run_edit(args: argparse.Namespace) -> int:
     from .datasets import load_requests
     from .editor import Editor
-    from .hparams import make_hparams, read_yaml
+    from .hparams import make_hparams, parse_overrides, read_yaml
 
+    set_fields = parse_overrides(args.set)
     requests = load_requests(args.requests)
     if not requests:
         raise UsageError(f"{args.requests}: no usable requests")
     _check_inputs(args)
     hp_values = read_yaml(args.hparams) if args.hparams else {}
-    make_hparams(args.method, hp_values)  # field errors before the model loads
+    make_hparams(args.method, {**hp_values, **set_fields})  # field errors before the model loads
     _check_out_dir(args.save_delta, "--save-delta")
     cache = _cache(args)
     _quiet_transformers(args.verbose)
@@ -148,7 +160,7 @@ def _run_edit(args: argparse.Namespace) -> int:
 
     hp = load_hparams(
         args.method, str(args.model), path=args.hparams, num_layers=get_adapter(model).num_layers(model),
-        overrides={"stats_tokens": args.stats_tokens} if args.stats_tokens else None,
+        overrides={**set_fields, **({"stats_tokens": args.stats_tokens} if args.stats_tokens else {})},
     )  # fmt: skip
     editor = Editor(
         model, tok, args.method, hp, model_name=str(args.model), corpus=args.corpus, cache=cache,
@@ -198,7 +210,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .datasets import resolve_dataset
     from .evaluate import run_evaluation
+    from .hparams import parse_overrides
 
+    set_fields = parse_overrides(args.set)
     resolve_dataset(args.data)  # DatasetError for a missing file (shipped names are accepted too)
     _check_inputs(args)
     _check_out_dir(args.out, "--out")
@@ -212,7 +226,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         records_path=args.records, dataset=args.dataset,
         fluency=None if args.fluency == "auto" else args.fluency == "on",
         fluency_prompts=args.fluency_prompts, fluency_tokens=args.fluency_tokens, device=args.device,
-        dtype=args.dtype, cache=cache, checkpoint=args.checkpoint,
+        dtype=args.dtype, cache=cache, checkpoint=args.checkpoint, hparams_overrides=set_fields,
     )  # fmt: skip
     t = results["timing"]
     print(

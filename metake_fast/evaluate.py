@@ -511,6 +511,13 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _fields_of(hp) -> dict:
+    """``hp``'s fields as :func:`~metake_fast.hparams.make_hparams` takes them back."""
+    from .hparams import to_dict
+
+    return {k: v for k, v in to_dict(hp).items() if k != "method" and not (k == "layers" and not v)}
+
+
 def run_evaluation(
     model_name: str,
     method: str,
@@ -533,6 +540,7 @@ def run_evaluation(
     cache=True,
     eval_batch_size: int = 64,
     checkpoint=None,
+    hparams_overrides: dict | None = None,
 ) -> dict[str, Any]:
     """The field's protocol on the first ``num_edits`` cases of ``dataset_path``; returns the results dict.
 
@@ -543,6 +551,7 @@ def run_evaluation(
     4. score every case after the last batch (``metrics_post``, ``timing.eval_s``).
 
     ``hparams``: YAML path, dict or dataclass (None: the shipped file / defaults);
+    ``hparams_overrides``: fields set on top of it (the CLI's ``--set KEY=VALUE``);
     ``stats_tokens`` overrides its ``stats_tokens``. ``dataset``: ``"counterfact"`` / ``"zsre"``
     to check against the file's detected format. ``fluency``: None = on for full-format
     CounterFact. ``out``: write ``results.json`` there and the per-request records (one JSON
@@ -576,11 +585,15 @@ def run_evaluation(
         if importlib.util.find_spec("metake_fast.metake") is None:
             raise EvaluationError("method 'metake' is not available in this installation (no metake_fast.metake)")
     hp_path = None
+    set_fields = dict(hparams_overrides or {})
     if isinstance(hparams, (str, os.PathLike)):
         hp_path, hparams = hparams, None
-        make_hparams(method, read_yaml(hp_path))  # HParamsError on a bad file, before the model loads
-    elif not isinstance(hparams, EditHParams):
-        make_hparams(method, dict(hparams or {}))  # unknown method / bad fields, before the model loads
+        make_hparams(method, {**read_yaml(hp_path), **set_fields})  # HParamsError before the model loads
+    elif isinstance(hparams, EditHParams):
+        if set_fields:
+            hparams = make_hparams(method, {**_fields_of(hparams), **set_fields})
+    else:
+        make_hparams(method, {**dict(hparams or {}), **set_fields})  # unknown method / bad fields, early
     if checkpoint is not None:
         ensure_writable_dir(Path(checkpoint), "checkpoint directory", EvaluationError)
     out_path = Path(out) if out is not None else None
@@ -600,7 +613,7 @@ def run_evaluation(
         if stats_tokens is not None:
             hp.stats_tokens = stats_tokens
     else:
-        overrides = dict(hparams or {})
+        overrides = {**dict(hparams or {}), **set_fields}
         if stats_tokens is not None:
             overrides["stats_tokens"] = stats_tokens
         hp = load_hparams(method, str(model_name), path=hp_path, num_layers=num_layers, overrides=overrides)

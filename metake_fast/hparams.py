@@ -478,6 +478,28 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def parse_overrides(items, flag: str = "--set") -> dict:
+    """``["v_num_grad_steps=50", "layers=[4, 5]"]`` -> ``{"v_num_grad_steps": 50, "layers": [4, 5]}``.
+
+    Each item is ``KEY=VALUE``; the value is read as YAML (the hparams files' syntax: ``50``,
+    ``1e-1``, ``true``, ``[4, 5, 6]``, ``spread``). A later item for the same key wins. The
+    fields themselves are checked by :func:`make_hparams`."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise HParamsError(f"{flag} expects KEY=VALUE (e.g. {flag} v_num_grad_steps=50), got {item!r}")
+        try:
+            value = yaml.load(text, Loader=_Yaml12FloatLoader) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise HParamsError(f"{flag} {key}: {text!r} is not a valid value ({str(exc).splitlines()[0]})") from None
+        if value is None:
+            raise HParamsError(f"{flag} {key}: no value given")
+        out[key] = value
+    return out
+
+
 def hparams_differences(stored: dict | None, hp: EditHParams) -> list[str]:
     """How hyperparameters saved earlier (``to_dict`` output, as stored in a checkpoint) differ
     from ``hp``, one ``"field: saved X, now Y"`` per field; empty when they describe the same run.

@@ -104,6 +104,16 @@ def test_evaluate_success(capsys, model_dir, files, tmp_path, method):
     assert "efficacy" in out and "post" in out and " EM " in out
 
 
+def test_evaluate_set_overrides_the_file(capsys, model_dir, files, tmp_path):
+    argv = _evaluate_argv(model_dir, files, tmp_path, **{"--num-edits": 2})
+    argv += ["--set", "v_num_grad_steps=2", "--set", "kl_factor=0.5"]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    hp = json.loads((tmp_path / "results.json").read_text())["hparams"]
+    assert hp["v_num_grad_steps"] == 2 and hp["kl_factor"] == 0.5  # hp.yaml has 3 steps
+    assert hp["context_template_count"] == 1 and hp["stats_tokens"] == 1500  # the file, then --stats-tokens
+
+
 def test_evaluate_checkpoint_resume_and_mismatch(capsys, model_dir, files, tmp_path):
     ck = tmp_path / "ck"
     argv = _evaluate_argv(model_dir, files, tmp_path, **{"--checkpoint": ck})
@@ -177,6 +187,9 @@ def test_edit_saves_delta(capsys, model_dir, files, tmp_path):
         ({"--out": "NO_DIR"}, "does not exist"),
         ({"--checkpoint": "A_FILE"}, "not a directory"),
         ({"--checkpoint": "BELOW_A_FILE"}, "cannot create checkpoint directory"),
+        ({"--set": "no_such_field=3"}, "unknown hparams field 'no_such_field'"),
+        ({"--set": "v_num_grad_steps=many"}, "expected an integer"),
+        ({"--set": "v_num_grad_steps"}, "KEY=VALUE"),
     ],
 )
 def test_evaluate_bad_input(capsys, model_dir, files, tmp_path, over, needle):
@@ -203,6 +216,8 @@ def test_evaluate_bad_input(capsys, model_dir, files, tmp_path, over, needle):
         (["--method", "nosuch"], "--method"),
         (["--batch-size", "0"], "--batch-size"),
         (["--hparams", "BAD_YAML"], "not valid YAML"),
+        (["--set", "layers=[]"], "at least one layer"),
+        (["--set", "outer_steps=3"], "unknown hparams field 'outer_steps' for method 'alphaedit'"),
         (["--save-delta", "NO_DIR"], "does not exist"),
     ],
 )

@@ -494,6 +494,7 @@ def test_unreached_targets_are_counted_and_warned(cache, caplog):
     assert "targets unreached 3/3" in report.summary()
     warned = [r.getMessage() for r in caplog.records if "v_num_grad_steps=1" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("3 of 3 planned targets")
+    assert "--set v_num_grad_steps=50" in warned[0]  # how to give more steps
 
     caplog.clear()
     ed2 = make_editor(cache, "alphaedit", v_num_grad_steps=1, early_stop_nll=1e6)

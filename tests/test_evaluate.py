@@ -288,11 +288,16 @@ def test_run_evaluation_full_counterfact(model_dir, corpus_file, tmp_path):
 
 
 def test_run_evaluation_zsre_records_path(model_dir, corpus_file, tmp_path):
+    from metake_fast.hparams import make_hparams
+
     rp = tmp_path / "recs.jsonl"
+    hp = make_hparams("alphaedit", {**TINY_HP, "layers": [1, 2]})  # a dataclass, then --set on top of it
     res = run_evaluation(
-        str(model_dir), "alphaedit", "zsre", 3, 3, hparams=dict(TINY_HP), corpus=str(corpus_file), out=None,
-        progress=False, records_path=rp, cache=False, dataset="zsre",
+        str(model_dir), "alphaedit", "zsre", 3, 3, hparams=hp, corpus=str(corpus_file), out=None,
+        progress=False, records_path=rp, cache=False, dataset="zsre", hparams_overrides={"v_num_grad_steps": 2},
     )  # fmt: skip
+    assert res["hparams"]["v_num_grad_steps"] == 2 and res["hparams"]["layers"] == [1, 2]
+    assert res["hparams"]["context_template_count"] == 1 and hp.v_num_grad_steps == 3  # the caller's is untouched
     assert res["dataset"] == "zsre" and res["metrics_pre"]["specificity"] == pytest.approx(100.0)
     _check_metrics(res["metrics_pre"], fluency=False)
     _check_metrics(res["metrics_post"], fluency=False)
@@ -310,6 +315,11 @@ def test_run_evaluation_bad_input(model_dir, tmp_path):
         run_evaluation(str(model_dir), "memit", "counterfact", 2, 1, dataset="zsre")
     with pytest.raises(EvaluationError, match="only"):
         run_evaluation(str(model_dir), "memit", "counterfact-full", 100_000, 1)
+    from metake_fast.hparams import HParamsError
+
+    for over, needle in [({"no_such": 1}, "unknown hparams field"), ({"v_lr": "fast"}, "finite number")]:
+        with pytest.raises(HParamsError, match=needle):  # before the model loads
+            run_evaluation("no/such/model", "memit", "counterfact", 2, 1, hparams_overrides=over)
 
 
 @pytest.mark.parametrize("method", ["alphaedit", "metake"])

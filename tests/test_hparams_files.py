@@ -25,6 +25,7 @@ from metake_fast.hparams import (  # noqa: E402
     hparams_differences,
     load_hparams,
     make_hparams,
+    parse_overrides,
     read_yaml,
     shipped_hparams_file,
     to_dict,
@@ -87,6 +88,27 @@ def test_exponent_floats_are_numbers_in_yaml(tmp_path):
     assert d["alg_name"] == "1e5x"  # not a number: stays a string
     hp = load_hparams("alphaedit", path=p, num_layers=12, overrides={"layers": [1]})
     assert (hp.v_lr, hp.nullspace_threshold, hp.L2) == (pytest.approx(0.1), pytest.approx(0.02), 10.0)
+
+
+def test_set_overrides_read_values_as_the_files_do():
+    d = parse_overrides(["v_num_grad_steps=50", "v_lr=1e-1", "layers=[4, 5,6]", "outer_kl=false",
+                         "gate_layers = spread", "v_num_grad_steps=60"])  # fmt: skip
+    assert d == {"v_num_grad_steps": 60, "v_lr": 0.1, "layers": [4, 5, 6], "outer_kl": False, "gate_layers": "spread"}
+    assert isinstance(d["v_lr"], float) and isinstance(d["v_num_grad_steps"], int)
+    hp = load_hparams("metake", "smollm2-135m", num_layers=30, overrides=d)  # on top of the shipped file
+    shipped = load_hparams("metake", "smollm2-135m", num_layers=30)
+    assert (hp.v_num_grad_steps, hp.v_lr, hp.layers, hp.outer_kl) == (60, 0.1, [4, 5, 6], False)
+    assert hp.L2 == shipped.L2 and hp.safeguard == shipped.safeguard  # the rest stays the shipped file's
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [("v_num_grad_steps", "KEY=VALUE"), ("=3", "KEY=VALUE"), ("v_lr=", "no value"), ("layers=[1, 2", "not a valid")],
+)
+def test_set_overrides_bad_syntax_is_one_clear_error(item, needle):
+    with pytest.raises(HParamsError, match=needle) as e:
+        parse_overrides([item])
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("method", ["alphaedit", "metake"])
