@@ -102,6 +102,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (same spellings as :func:`positive_int`)."""
+    if str(text).strip() in ("0", "-0"):
+        return 0
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        if "must be at least 1" in str(e):
+            raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}") from None
+        raise
+
+
 def check_cache_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and check that files can be written there."""
     p = Path(path).expanduser()

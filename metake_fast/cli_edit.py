@@ -4,7 +4,7 @@
         [--batch-size B] [--hparams FILE.yaml] [--set KEY=VALUE ...] [--corpus PATH] [--stats-tokens T] \\
         --save-delta OUT.safetensors [--no-progress]
     metake-fast evaluate --model smollm2-135m --method {rome,memit,alphaedit,metake} \\
-        --dataset {counterfact,zsre} --data PATH --num-edits N --batch-size B \\
+        --dataset {counterfact,zsre} --data PATH [--skip K] --num-edits N --batch-size B \\
         [--hparams FILE.yaml] [--set KEY=VALUE ...] [--corpus PATH] [--stats-tokens T] --out results.json
 
 ``--set`` changes single hyperparameters on top of the file (or the shipped one), e.g.
@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .cli import UsageError, _quiet_transformers, check_cache_dir, positive_int, register_subcommand
+from .cli import UsageError, _quiet_transformers, check_cache_dir, nonneg_int, positive_int, register_subcommand
 from .hparams import METHODS
 
 __all__ = ["run_edit", "run_evaluate"]
@@ -187,6 +187,13 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=["counterfact", "zsre"], help="which benchmark --data holds")
     p.add_argument("--data", required=True, help="data file (format detected from its content)")
     p.add_argument("--num-edits", type=positive_int, required=True, help="edit the first N cases")
+    p.add_argument(
+        "--skip",
+        type=nonneg_int,
+        default=0,
+        help="leave out the first K records of --data first (held-out slices: --skip 100 --num-edits 100 "
+        "is records 100-199; default 0)",
+    )
     p.add_argument("--batch-size", type=positive_int, required=True, help="edits per sequential batch")
     p.add_argument("--out", required=True, help="results JSON (records go to <out stem>.records.jsonl)")
     p.add_argument("--records", default=None, help="per-request JSON lines (default: next to --out)")
@@ -226,7 +233,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         records_path=args.records, dataset=args.dataset,
         fluency=None if args.fluency == "auto" else args.fluency == "on",
         fluency_prompts=args.fluency_prompts, fluency_tokens=args.fluency_tokens, device=args.device,
-        dtype=args.dtype, cache=cache, checkpoint=args.checkpoint, hparams_overrides=set_fields,
+        dtype=args.dtype, cache=cache, checkpoint=args.checkpoint, hparams_overrides=set_fields, skip=args.skip,
     )  # fmt: skip
     t = results["timing"]
     print(

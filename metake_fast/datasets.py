@@ -419,14 +419,22 @@ def load_dataset(
     n: int | None = None,
     *,
     on_missing_subject: str = "skip",
+    skip: int = 0,
 ) -> list[EvalCase]:
     """Load a dataset file or shipped name (``counterfact``, ``counterfact-full``, ``zsre``).
 
-    ``n`` limits the result to the first ``n`` cases (the first ``n`` records
-    unless some are skipped).  Raises :class:`DatasetError` for a missing file,
+    ``skip`` drops the first ``skip`` records (a held-out slice: ``skip=100, n=100`` is
+    records 100-199); ``n`` limits the result to the first ``n`` cases after them (the first
+    ``n`` records unless some are unusable).  Raises :class:`DatasetError` for a missing file,
     bad or truncated JSON / gzip, wrong types or an unknown format.
     """
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise DatasetError(f"skip must be a non-negative integer, got {skip!r}")
     records = read_records(path_or_name)
+    if skip:
+        if skip >= len(records):
+            raise DatasetError(f"{path_or_name}: has {len(records)} records, cannot skip {skip}")
+        records = records[skip:]
     return cases_from_records(records, n=n, source=str(path_or_name), on_missing_subject=on_missing_subject)
 
 

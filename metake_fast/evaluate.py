@@ -461,16 +461,26 @@ def _positive(name: str, v) -> int:
     return v
 
 
+#: run settings added after the first checkpoints: a checkpoint without one was written with this value
+_CONFIG_DEFAULTS = {"skip": 0}
+
+
 def _config_differences(saved, run_config: dict, hp) -> list[str]:
     """How a stored run configuration differs from this run's (empty: the same run): the same
     settings, and hyperparameters equal up to fields added since with their default values
     (:func:`~metake_fast.hparams.hparams_differences`)."""
     if not isinstance(saved, dict):
         return ["no settings were saved"]
-    out = [
-        f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in run_config.items() if k != "hparams" and saved.get(k) != v
-    ]
-    out += [f"{k}: saved, not a setting of this version" for k in saved.keys() - run_config.keys()]
+    out = []
+    for k in dict.fromkeys([*run_config, *saved]):
+        if k == "hparams":
+            continue
+        if k not in run_config and k not in _CONFIG_DEFAULTS:
+            out.append(f"{k}: saved, not a setting of this version")
+            continue
+        was, now = saved.get(k, _CONFIG_DEFAULTS.get(k)), run_config.get(k, _CONFIG_DEFAULTS.get(k))
+        if was != now:
+            out.append(f"{k}: saved {was!r}, now {now!r}")
     return out + hparams_differences(saved.get("hparams"), hp)
 
 
@@ -541,6 +551,7 @@ def run_evaluation(
     eval_batch_size: int = 64,
     checkpoint=None,
     hparams_overrides: dict | None = None,
+    skip: int = 0,
 ) -> dict[str, Any]:
     """The field's protocol on the first ``num_edits`` cases of ``dataset_path``; returns the results dict.
 
@@ -551,7 +562,8 @@ def run_evaluation(
     4. score every case after the last batch (``metrics_post``, ``timing.eval_s``).
 
     ``hparams``: YAML path, dict or dataclass (None: the shipped file / defaults);
-    ``hparams_overrides``: fields set on top of it (the CLI's ``--set KEY=VALUE``);
+    ``skip``: leave out the first ``skip`` records of the data (held-out slices), then take
+    ``num_edits`` cases. ``hparams_overrides``: fields set on top of it (the CLI's ``--set KEY=VALUE``);
     ``stats_tokens`` overrides its ``stats_tokens``. ``dataset``: ``"counterfact"`` / ``"zsre"``
     to check against the file's detected format. ``fluency``: None = on for full-format
     CounterFact. ``out``: write ``results.json`` there and the per-request records (one JSON
@@ -576,9 +588,12 @@ def run_evaluation(
         raise EvaluationError(
             f"--dataset {dataset} does not match {dataset_path}: its records are {detected} ({fmt} format)"
         )
-    cases = load_dataset(dataset_path, num_edits)
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise EvaluationError(f"skip must be a non-negative integer, got {skip!r}")
+    cases = load_dataset(dataset_path, num_edits, skip=skip)
     if len(cases) < num_edits:
-        raise EvaluationError(f"{dataset_path} has only {len(cases)} usable cases, {num_edits} requested")
+        after = f" after the first {skip} records" if skip else ""
+        raise EvaluationError(f"{dataset_path} has only {len(cases)} usable cases{after}, {num_edits} requested")
     if str(method).lower() == "metake":
         import importlib.util
 
@@ -631,6 +646,7 @@ def run_evaluation(
     run_config = {
         "method": editor.method, "model": str(model_name), "data": str(dataset_path), "num_edits": len(cases),
         "batch_size": batch_size, "dtype": dtype, "fluency": do_fluency, "hparams": to_dict(editor.hparams),
+        "skip": skip,
     }  # fmt: skip
     state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
     if state_path is not None and state_path.exists():  # refuse another run's state before the slow pre-eval
@@ -733,6 +749,7 @@ def run_evaluation(
         "dataset": detected,
         "format": fmt,
         "data": str(dataset_path),
+        "skip": skip,
         "num_edits": len(cases),
         "batch_size": batch_size,
         "metrics_pre": metrics_pre,

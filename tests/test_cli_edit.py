@@ -114,6 +114,21 @@ def test_evaluate_set_overrides_the_file(capsys, model_dir, files, tmp_path):
     assert hp["context_template_count"] == 1 and hp["stats_tokens"] == 1500  # the file, then --stats-tokens
 
 
+def test_evaluate_skip_takes_a_held_out_slice(capsys, model_dir, files, tmp_path):
+    ck = tmp_path / "ck"
+    argv = _evaluate_argv(model_dir, files, tmp_path, **{"--skip": 1, "--num-edits": 2, "--checkpoint": ck})
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["skip"] == 1 and res["num_edits"] == 2
+    recs = [json.loads(ln) for ln in (tmp_path / "results.records.jsonl").read_text().splitlines()]
+    assert [r["pre"]["prompt"] for r in recs] == [FLAT[1]["prompt"], FLAT[2]["prompt"]]
+    # the checkpoint belongs to that slice: the first two records are another run
+    rc, out, err = run_cli(capsys, *_evaluate_argv(model_dir, files, tmp_path, **{"--num-edits": 2,
+                                                                                  "--checkpoint": ck}))  # fmt: skip
+    assert rc == 2 and "belongs to another run" in err and "skip: saved 1, now 0" in err
+
+
 def test_evaluate_checkpoint_resume_and_mismatch(capsys, model_dir, files, tmp_path):
     ck = tmp_path / "ck"
     argv = _evaluate_argv(model_dir, files, tmp_path, **{"--checkpoint": ck})
@@ -190,6 +205,9 @@ def test_edit_saves_delta(capsys, model_dir, files, tmp_path):
         ({"--set": "no_such_field=3"}, "unknown hparams field 'no_such_field'"),
         ({"--set": "v_num_grad_steps=many"}, "expected an integer"),
         ({"--set": "v_num_grad_steps"}, "KEY=VALUE"),
+        ({"--skip": -1}, "--skip"),
+        ({"--skip": 2, "--num-edits": 2}, "only 1 usable cases after the first 2 records"),
+        ({"--skip": 3}, "cannot skip 3"),
     ],
 )
 def test_evaluate_bad_input(capsys, model_dir, files, tmp_path, over, needle):

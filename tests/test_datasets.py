@@ -94,6 +94,17 @@ def test_shipped(name, n_total, fmt, dataset):
     assert len(validate_requests([c.request for c in cases])) == n_total
 
 
+def test_skip_takes_a_later_slice_of_the_records():
+    whole = load_dataset("zsre", 30)
+    part = load_dataset("zsre", 10, skip=20)
+    assert [c.request for c in part] == [c.request for c in whole[20:30]]
+    assert load_dataset("zsre", skip=0) == load_dataset("zsre")
+    n = len(load_dataset("zsre"))
+    for bad, needle in [(-1, "non-negative"), (1.5, "non-negative"), (True, "non-negative"), (n, "cannot skip")]:
+        with pytest.raises(DatasetError, match=needle):
+            load_dataset("zsre", 5, skip=bad)
+
+
 def test_shipped_fields():
     flat = load_dataset("counterfact", n=1)[0]
     assert flat.request == EditRequest(

@@ -383,6 +383,17 @@ def test_checkpoint_write_failure_does_not_stop_the_run(model_dir, corpus_file, 
     assert any("could not write checkpoint" in r.getMessage() for r in caplog.records)
 
 
+def test_checkpoints_from_before_skip_still_match():
+    from metake_fast.evaluate import _config_differences
+    from metake_fast.hparams import make_hparams, to_dict
+
+    hp = make_hparams("alphaedit", {**TINY_HP, "layers": [1]})
+    old = {"method": "alphaedit", "num_edits": 4, "hparams": to_dict(hp)}  # written before `skip` existed
+    assert _config_differences(old, {**old, "skip": 0}, hp) == []
+    assert _config_differences(old, {**old, "skip": 5}, hp) == ["skip: saved 0, now 5"]
+    assert _config_differences({**old, "gone": 1}, old, hp) == ["gone: saved, not a setting of this version"]
+
+
 def test_recorded_commit_follows_the_override(monkeypatch):
     """A device runner's copy of the tree carries stale git metadata: METAKE_FAST_COMMIT names the code's commit."""
     from metake_fast.evaluate import git_commit
