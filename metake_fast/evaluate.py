@@ -606,7 +606,9 @@ def run_evaluation(
         make_hparams(method, {**read_yaml(hp_path), **set_fields})  # HParamsError before the model loads
     elif isinstance(hparams, EditHParams):
         if set_fields:
+            given = getattr(hparams, "source", "given")
             hparams = make_hparams(method, {**_fields_of(hparams), **set_fields})
+            hparams.source = f"{given} + overrides ({', '.join(sorted(set_fields))})"
     else:
         make_hparams(method, {**dict(hparams or {}), **set_fields})  # unknown method / bad fields, early
     if checkpoint is not None:

@@ -112,6 +112,8 @@ def test_evaluate_set_overrides_the_file(capsys, model_dir, files, tmp_path):
     hp = json.loads((tmp_path / "results.json").read_text())["hparams"]
     assert hp["v_num_grad_steps"] == 2 and hp["kl_factor"] == 0.5  # hp.yaml has 3 steps
     assert hp["context_template_count"] == 1 and hp["stats_tokens"] == 1500  # the file, then --stats-tokens
+    src = json.loads((tmp_path / "results.json").read_text())["hparams_source"]
+    assert src.endswith("hp.yaml + overrides (kl_factor, stats_tokens, v_num_grad_steps)"), src
 
 
 def test_evaluate_skip_takes_a_held_out_slice(capsys, model_dir, files, tmp_path):

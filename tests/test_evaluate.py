@@ -298,6 +298,7 @@ def test_run_evaluation_zsre_records_path(model_dir, corpus_file, tmp_path):
     )  # fmt: skip
     assert res["hparams"]["v_num_grad_steps"] == 2 and res["hparams"]["layers"] == [1, 2]
     assert res["hparams"]["context_template_count"] == 1 and hp.v_num_grad_steps == 3  # the caller's is untouched
+    assert res["hparams_source"] == "given + overrides (v_num_grad_steps)"
     assert res["dataset"] == "zsre" and res["metrics_pre"]["specificity"] == pytest.approx(100.0)
     _check_metrics(res["metrics_pre"], fluency=False)
     _check_metrics(res["metrics_post"], fluency=False)
