@@ -86,6 +86,21 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise UsageError("method 'metake' is not available in this installation (no metake_fast.metake)")
 
 
+def _set_fields(args: argparse.Namespace) -> dict:
+    """``--set KEY=VALUE`` items as hparams overrides; ``layers`` also takes the ``4-8`` / ``4,5,7`` form."""
+    from .cli import parse_layers
+    from .hparams import parse_overrides
+
+    fields = parse_overrides(args.set)
+    layers = fields.get("layers")
+    if isinstance(layers, str):
+        try:
+            fields["layers"] = parse_layers(layers)
+        except UsageError:
+            raise UsageError(f"--set layers={layers}: use e.g. [4,5,6], 4-8 or 4,5,7") from None
+    return fields
+
+
 def _cache(args: argparse.Namespace):
     if args.no_cache:
         return False
@@ -142,9 +157,9 @@ def run_edit(args: argparse.Namespace) -> int:
 def _run_edit(args: argparse.Namespace) -> int:
     from .datasets import load_requests
     from .editor import Editor
-    from .hparams import make_hparams, parse_overrides, read_yaml
+    from .hparams import make_hparams, read_yaml
 
-    set_fields = parse_overrides(args.set)
+    set_fields = _set_fields(args)
     requests = load_requests(args.requests)
     if not requests:
         raise UsageError(f"{args.requests}: no usable requests")
@@ -217,9 +232,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .datasets import resolve_dataset
     from .evaluate import run_evaluation
-    from .hparams import parse_overrides
 
-    set_fields = parse_overrides(args.set)
+    set_fields = _set_fields(args)
     resolve_dataset(args.data)  # DatasetError for a missing file (shipped names are accepted too)
     _check_inputs(args)
     _check_out_dir(args.out, "--out")

@@ -106,14 +106,15 @@ def test_evaluate_success(capsys, model_dir, files, tmp_path, method):
 
 def test_evaluate_set_overrides_the_file(capsys, model_dir, files, tmp_path):
     argv = _evaluate_argv(model_dir, files, tmp_path, **{"--num-edits": 2})
-    argv += ["--set", "v_num_grad_steps=2", "--set", "kl_factor=0.5"]
+    argv += ["--set", "v_num_grad_steps=2", "--set", "kl_factor=0.5", "--set", "layers=1-2"]
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 0, err
     hp = json.loads((tmp_path / "results.json").read_text())["hparams"]
     assert hp["v_num_grad_steps"] == 2 and hp["kl_factor"] == 0.5  # hp.yaml has 3 steps
+    assert hp["layers"] == [1, 2]  # the --layers syntax of `stats`
     assert hp["context_template_count"] == 1 and hp["stats_tokens"] == 1500  # the file, then --stats-tokens
     src = json.loads((tmp_path / "results.json").read_text())["hparams_source"]
-    assert src.endswith("hp.yaml + overrides (kl_factor, stats_tokens, v_num_grad_steps)"), src
+    assert src.endswith("hp.yaml + overrides (kl_factor, layers, stats_tokens, v_num_grad_steps)"), src
 
 
 def test_evaluate_skip_takes_a_held_out_slice(capsys, model_dir, files, tmp_path):
@@ -207,6 +208,7 @@ def test_edit_saves_delta(capsys, model_dir, files, tmp_path):
         ({"--set": "no_such_field=3"}, "unknown hparams field 'no_such_field'"),
         ({"--set": "v_num_grad_steps=many"}, "expected an integer"),
         ({"--set": "v_num_grad_steps"}, "KEY=VALUE"),
+        ({"--set": "layers=4-x"}, "--set layers=4-x: use e.g."),
         ({"--skip": -1}, "--skip"),
         ({"--skip": 2, "--num-edits": 2}, "only 1 usable cases after the first 2 records"),
         ({"--skip": 3}, "cannot skip 3"),
