@@ -166,7 +166,7 @@ def test_edit_saves_delta(capsys, model_dir, files, tmp_path):
     rc, stdout, err = run_cli(
         capsys, "edit", "--model", model_dir, "--method", "memit", "--requests", files / "cf.json", "--batch-size", 2,
         "--hparams", files / "hp.yaml", "--corpus", files / "corpus.jsonl", "--stats-tokens", 1500,
-        "--save-delta", out, "--no-progress", "--no-cache",
+        "--save-delta", out, "--no-progress", "--no-cache", "--set", "v_num_grad_steps=2",
     )  # fmt: skip
     assert rc == 0, err
     assert "P(new)" in stdout and "memit: 3 edits in 2 batch(es)" in stdout
@@ -176,6 +176,8 @@ def test_edit_saves_delta(capsys, model_dir, files, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
         assert meta["method"] == "memit" and len(json.loads(meta["requests"])) == 3
+        hp = json.loads(meta["hparams"])
+        assert hp["v_num_grad_steps"] == 2 and hp["stats_tokens"] == 1500  # --set over hp.yaml's 3
         assert all(k.startswith("delta.") for k in f.keys())
     # the delta loads onto a fresh editor of the same model
     from metake_fast.editor import Editor
