@@ -206,6 +206,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--skip",
         type=nonneg_int,
         default=0,
+        metavar="K",
         help="leave out the first K records of --data first (held-out slices: --skip 100 --num-edits 100 "
         "is records 100-199; default 0)",
     )
