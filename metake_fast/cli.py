@@ -86,8 +86,8 @@ def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
     return sorted(out)
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1; accepts ``100000``, ``100_000``, ``100k``, ``2M``."""
+def _count(text: str, minimum: int) -> int:
+    """An integer >= ``minimum``; accepts ``100000``, ``100_000``, ``100k``, ``2M``."""
     t = str(text).strip().lower().replace("_", "")
     mult = 1
     if t[-1:] in ("k", "m"):
@@ -97,21 +97,19 @@ def positive_int(text: str) -> int:
         value = int(t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1; accepts ``100000``, ``100_000``, ``100k``, ``2M``."""
+    return _count(text, 1)
 
 
 def nonneg_int(text: str) -> int:
     """An integer >= 0 (same spellings as :func:`positive_int`)."""
-    if str(text).strip() in ("0", "-0"):
-        return 0
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError as e:
-        if "must be at least 1" in str(e):
-            raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}") from None
-        raise
+    return _count(text, 0)
 
 
 def check_cache_dir(path: str | os.PathLike) -> Path:

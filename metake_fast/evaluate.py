@@ -588,9 +588,7 @@ def run_evaluation(
         raise EvaluationError(
             f"--dataset {dataset} does not match {dataset_path}: its records are {detected} ({fmt} format)"
         )
-    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-        raise EvaluationError(f"skip must be a non-negative integer, got {skip!r}")
-    cases = load_dataset(dataset_path, num_edits, skip=skip)
+    cases = load_dataset(dataset_path, num_edits, skip=skip)  # DatasetError for a bad skip
     if len(cases) < num_edits:
         after = f" after the first {skip} records" if skip else ""
         raise EvaluationError(f"{dataset_path} has only {len(cases)} usable cases{after}, {num_edits} requested")
