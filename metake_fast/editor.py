@@ -71,7 +71,8 @@ def _warn_unreached(report: EditReport, hp) -> None:
     n = report.unreached
     if n and n >= max(2, len(report.requests) / 5):
         bad = sorted(r.target_nll for r in report.requests if r.target_nll > report.stop_nll)
-        hint = " (e.g. to 50: `--set v_num_grad_steps=50` on the command line)" if hp.v_num_grad_steps < 50 else ""
+        more = max(50, 2 * hp.v_num_grad_steps)
+        hint = f" (e.g. to {more}: `--set v_num_grad_steps={more}` on the command line)"
         log.warning(
             "%d of %d planned targets stopped above the target NLL %g after v_num_grad_steps=%d (median %.2f "
             "per object token); their edits may not take. Objects of several tokens often need more steps: "

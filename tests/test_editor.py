@@ -496,6 +496,14 @@ def test_unreached_targets_are_counted_and_warned(cache, caplog):
     assert len(warned) == 1 and warned[0].startswith("3 of 3 planned targets")
     assert "--set v_num_grad_steps=50" in warned[0]  # how to give more steps
 
+    caplog.clear()  # already at 50 or more: the hint doubles the budget rather than repeating it
+    ed3 = make_editor(cache, "alphaedit", v_num_grad_steps=60, early_stop_nll=1e-12)
+    with caplog.at_level("WARNING", logger="metake_fast"):
+        report3 = ed3.edit(REQS[:2], batch_size=2)
+    assert report3.unreached == 2
+    warned = [r.getMessage() for r in caplog.records if "v_num_grad_steps=60" in r.getMessage()]
+    assert len(warned) == 1 and "--set v_num_grad_steps=120" in warned[0]
+
     caplog.clear()
     ed2 = make_editor(cache, "alphaedit", v_num_grad_steps=1, early_stop_nll=1e6)
     with caplog.at_level("WARNING", logger="metake_fast"):
