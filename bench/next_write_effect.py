@@ -1,0 +1,240 @@
+"""What one more batch's write does to the edits already made: plain targets vs MetaKE's.
+
+In the N = 1000 sequential runs MetaKE's last batches generalize better than AlphaEdit's and its
+first batches worse (``bench/results_by_batch.py``): its writes seem to cost earlier edits
+more. This measures that directly. From a sequential run's checkpoint (the state after the
+run's ``--history-n`` edits), the next ``--n`` requests get their plain targets once (the
+target loop, the lower level's input), then each write is made from the same state and undone:
+
+* ``plain``: the plain targets written by the run's solver (AlphaEdit's write);
+* ``metake``: the run's own upper level (refined targets, its safeguard if it has one);
+* ``--variant NAME:field=value,...``: MetaKE with those settings changed (repeatable).
+
+After each write the earlier edits are scored on their rewrite and paraphrase prompts (the
+efficacy and generalization prompts of the evaluation) and the new batch on all its prompts.
+Reported per write: the new batch's efficacy / generalization / specificity, the earlier
+edits' efficacy and generalization, and the mean change of the earlier edits' paraphrase
+margin ``log P(new) − log P(true)`` against the state before the write (paired over the same
+prompts, so small differences between writes are visible).
+
+    python bench/next_write_effect.py --checkpoint runs/ckpt/state.safetensors \
+        --hparams examples/hparams/metake_smollm2_steps50.yaml --history-data counterfact \
+        --history-n 1000 --next-data counterfact-10k --next-skip 2000 --n 100 --out effect.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+
+import _common  # noqa: F401,I001  (puts the repository on sys.path)
+import torch
+import yaml
+
+from metake_fast.datasets import load_dataset
+from metake_fast.editor import Editor
+from metake_fast.evaluate import evaluate_cases, git_commit
+from metake_fast.hparams import ALIASES, HParamsError, make_hparams, validate_hparams
+from metake_fast.targets import optimize_targets
+
+
+def _lite(cases):
+    """The cases with only their rewrite and paraphrase prompts (no neighbourhood: cheaper)."""
+    return [dataclasses.replace(c, neighborhood_prompts=[], generation_prompts=[]) for c in cases]
+
+
+def _margins(records) -> list[float]:
+    """Every paraphrase prompt's ``log P(new) − log P(true)``, in record order."""
+    out = []
+    for r in records:
+        for e in r["paraphrase"]:
+            out.append(e["logprob_new"] - e["logprob_true"])
+    return out
+
+
+def _pct(x):
+    return None if x is None else round(x, 2)
+
+
+def _mean_ci(d: list[float]) -> tuple[float, float]:
+    n = len(d)
+    m = sum(d) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(n - 1, 1))
+    return m, 1.96 * sd / math.sqrt(n)
+
+
+def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda m: None) -> dict:
+    """Each write of ``next_cases`` from ``ed``'s current state, undone after scoring (see the module doc).
+
+    ``hps``: name -> MetaKE hyperparameters for the refined writes (``"plain"`` is always made
+    first). Returns ``before`` / ``before_new`` (metrics before any write), ``before_margins``,
+    ``writes`` (one row per write) and ``margins`` (the earlier edits' paraphrase margins after
+    each write). The editor's weights and solver state are as before when it returns.
+    """
+    from metake_fast.metake import refine_targets, safeguarded_write
+
+    ed._ensure_solvers()
+    hist = _lite(hist_cases)
+    nxt = list(next_cases)
+    reqs = [c.request for c in nxt]
+    tok = ed.tok
+    hp_run = ed.hparams
+
+    def score():
+        mh, rh = evaluate_cases(ed.model, tok, hist)
+        mn, _ = evaluate_cases(ed.model, tok, nxt)
+        return mh, _margins(rh), mn
+
+    before_h, before_m, before_n = score()
+    log(f"before: earlier edits eff {before_h['efficacy']:.1f} gen {before_h['generalization']:.1f}")
+    tpl = ed._templates()
+    L = ed.layers[-1]
+    t0 = time.perf_counter()
+    tres = optimize_targets(
+        ed.model, tok, ed.adapter, reqs, L, tpl, ed._target_config(), progress=False, keep_problems=True
+    )
+    t_targets = time.perf_counter() - t0
+    Z_plain = (tres.h + tres.delta).T
+    rows = {}
+    margins = {}
+    try:
+        for name in ["plain", *hps]:
+            snap = ed._snapshot()
+            timing = {"targets": 0.0, "keys": 0.0, "solve": 0.0, "apply": 0.0}
+            t0 = time.perf_counter()
+            fallback = 0
+            try:
+                if name == "plain":
+                    ed._write(reqs, tpl, Z_plain, timing)
+                else:
+                    ed.hparams = hps[name]
+                    Z = refine_targets(ed, reqs, tpl, tres, timing)
+                    if ed.hparams.safeguard:
+                        fallback = int(safeguarded_write(ed, reqs, tpl, Z_plain, Z, timing).sum())
+                    else:
+                        ed._write(reqs, tpl, Z, timing)
+                    ed.hparams = hp_run
+                t_write = time.perf_counter() - t0
+                mh, m, mn = score()
+            finally:
+                ed.hparams = hp_run
+                ed._rollback(snap)
+            margins[name] = m
+            dm, ci = _mean_ci([a - b for a, b in zip(m, before_m)])
+            rows[name] = {
+                "new_efficacy": _pct(mn["efficacy"]),
+                "new_generalization": _pct(mn["generalization"]),
+                "new_specificity": _pct(mn["specificity"]),
+                "earlier_efficacy": _pct(mh["efficacy"]),
+                "earlier_generalization": _pct(mh["generalization"]),
+                "earlier_paraphrase_margin_change": dm,
+                "earlier_paraphrase_margin_change_ci95": ci,
+                "plain_targets": fallback,
+                "write_s": t_write,
+            }
+            log(f"{name} {json.dumps(rows[name])}")
+    finally:
+        tres.problems = None
+    for name in hps:  # paired against the plain write, on the same prompts
+        dm, ci = _mean_ci([a - b for a, b in zip(margins[name], margins["plain"])])
+        rows[name]["earlier_margin_vs_plain"] = dm
+        rows[name]["earlier_margin_vs_plain_ci95"] = ci
+    return {
+        "before": before_h, "before_new": before_n, "before_margins": before_m, "writes": rows,
+        "margins": margins, "targets_s": t_targets, "history_cases": hist,
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="state.safetensors of a MetaKE evaluate run")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--hparams", default=None, help="the run's hparams file (default: the shipped one)")
+    p.add_argument("--history-data", default="counterfact", help="the run's data (its first --history-n cases)")
+    p.add_argument("--history-skip", type=int, default=0)
+    p.add_argument("--history-n", type=int, required=True, help="edits in the checkpoint")
+    p.add_argument("--next-data", default="counterfact-10k")
+    p.add_argument("--next-skip", type=int, required=True, help="first record of the next batch")
+    p.add_argument("--n", type=int, default=100, help="requests in the next batch")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args()
+    variants: dict[str, dict] = {}
+    for v in args.variant:
+        name, _, spec = v.partition(":")
+        try:
+            fields = {k: yaml.safe_load(val) for k, val in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+        except ValueError:
+            p.error(f"--variant {v!r}: expected NAME:field=value,...")
+        if not name or name in ("plain", "metake") or name in variants:
+            p.error(f"--variant {v!r}: needs a new name (not plain/metake)")
+        variants[name] = fields
+
+    t_start = time.perf_counter()
+    ed = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
+    hp_run = ed.hparams
+    hps = {"metake": hp_run}
+    for name, fields in variants.items():
+        try:
+            typed = make_hparams("metake", fields)
+            names = [ALIASES.get(k, k) for k in fields]
+            hps[name] = validate_hparams(dataclasses.replace(hp_run, **{k: getattr(typed, k) for k in names}))
+        except (HParamsError, TypeError) as exc:
+            p.error(f"--variant {name}: {exc}")
+        if hps[name].history_scale != hp_run.history_scale:
+            p.error(f"--variant {name}: history_scale changes the solver state; not supported here")
+    ed.load_checkpoint(args.checkpoint)
+    hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip)
+    nxt = load_dataset(args.next_data, args.n, skip=args.next_skip)
+    res = next_write_effect(ed, hist, nxt, hps, log=lambda m: print(m, flush=True))
+    before_h, before_n, rows = res["before"], res["before_new"], res["writes"]
+    before_m = res["before_margins"]
+    hist = res["history_cases"]
+    print()
+    print(f"earlier edits: {len(hist)} ({len(before_m)} paraphrase prompts), next batch: {len(nxt)}")
+    print("| write | new eff | new gen | new spec | earlier eff | earlier gen | Δ margin (earlier) | vs plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| before | {before_n['efficacy']:.1f} | {before_n['generalization']:.1f} | {before_n['specificity']:.1f}"
+        f" | {before_h['efficacy']:.1f} | {before_h['generalization']:.1f} | – | – |"
+    )
+    for name, r in rows.items():
+        vs = (
+            f"{r['earlier_margin_vs_plain']:+.3f} ± {r['earlier_margin_vs_plain_ci95']:.3f}"
+            if "earlier_margin_vs_plain" in r
+            else "–"
+        )
+        print(
+            f"| {name} | {r['new_efficacy']:.1f} | {r['new_generalization']:.1f} | {r['new_specificity']:.1f}"
+            f" | {r['earlier_efficacy']:.1f} | {r['earlier_generalization']:.1f}"
+            f" | {r['earlier_paraphrase_margin_change']:+.3f} ± {r['earlier_paraphrase_margin_change_ci95']:.3f}"
+            f" | {vs} |"
+        )
+    out = {
+        "checkpoint": args.checkpoint,
+        "hparams": args.hparams,
+        "history": {"data": args.history_data, "skip": args.history_skip, "n": args.history_n},
+        "next": {"data": args.next_data, "skip": args.next_skip, "n": args.n},
+        "variants": variants,
+        "before": {
+            "earlier_efficacy": before_h["efficacy"],
+            "earlier_generalization": before_h["generalization"],
+            "new": {k: before_n[k] for k in ("efficacy", "generalization", "specificity")},
+        },
+        "writes": rows,
+        "targets_s": res["targets_s"],
+        "seconds": time.perf_counter() - t_start,
+        "device": str(next(ed.model.parameters()).device),
+        "commit": git_commit(),
+        "threads": torch.get_num_threads(),
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""bench/next_write_effect.py: each write is the editor's own, and every write is undone."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import corpus_lines, tiny_model, tiny_tokenizer
+
+from metake_fast.datasets import EvalCase
+from metake_fast.editor import Editor
+from metake_fast.evaluate import evaluate_cases
+from metake_fast.requests import EditRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import next_write_effect as nwe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HP = {
+    "v_num_grad_steps": 3,
+    "stats_tokens": 2000,
+    "stats_max_length": 64,
+    "context_template_count": 1,
+    "context_template_length": 3,
+    "layers": [1, 2],
+}
+
+
+def _case(subject, new, true):
+    req = EditRequest("The city of {} is in", subject, new, true)
+    return EvalCase(
+        req,
+        paraphrase_prompts=[f"Where is {subject}? It is in", f"{subject} lies in"],
+        neighborhood_prompts=["The city of Madrid is in"],
+        neighborhood_true=true,
+    )
+
+
+HIST = [_case("Paris", "Rome", "France"), _case("Lyon", "Berlin", "France")]
+NEXT = [_case("Nice", "Tokyo", "France"), _case("Porto", "Oslo", "Portugal")]
+
+
+def _editor(**extra) -> Editor:
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=4)
+    return Editor(
+        model, tiny_tokenizer(), "metake", {**HP, **extra}, cache=False, progress=False, corpus=corpus_lines(50)
+    )
+
+
+def _state(ed):
+    w = {layer: ed.adapter.edit_weight(ed.model, layer).detach().clone() for layer in ed.layers}
+    return w, {
+        layer: {k: v.clone() for k, v in s.state_dict().items() if torch.is_tensor(v)}
+        for layer, s in ed._solvers.items()
+    }
+
+
+def test_writes_match_the_editor_and_are_undone():
+    """The plain write is what an edit with no upper level does; outer_steps=0 is the plain write;
+    the state is unchanged afterwards."""
+    ed = _editor(safeguard=False)
+    ed.edit([c.request for c in HIST], batch_size=2)  # the earlier edits
+    before = _state(ed)
+    hps = {
+        "metake": ed.hparams,
+        "o0": dataclasses.replace(ed.hparams, outer_steps=0),
+    }
+    res = nwe.next_write_effect(ed, HIST, NEXT, hps)
+    after = _state(ed)
+    for layer in ed.layers:
+        assert torch.equal(before[0][layer], after[0][layer])
+        for k, v in before[1][layer].items():
+            assert torch.equal(v, after[1][layer][k]), k
+
+    rows = res["writes"]
+    assert rows["o0"]["earlier_margin_vs_plain"] == 0.0  # no outer steps: the same targets, the same write
+    assert res["margins"]["o0"] == res["margins"]["plain"]
+    assert rows["metake"]["earlier_margin_vs_plain"] != 0.0  # ten proxy steps move the targets
+
+    # oracle: the editor's own edit of the next batch with no upper level, scored by evaluate_cases
+    ed.hparams = dataclasses.replace(ed.hparams, outer_steps=0)
+    ed.edit([c.request for c in NEXT], batch_size=2)
+    lite = [dataclasses.replace(c, neighborhood_prompts=[]) for c in HIST]
+    m_hist, recs = evaluate_cases(ed.model, ed.tok, lite)
+    m_next, _ = evaluate_cases(ed.model, ed.tok, NEXT)
+    want = [e["logprob_new"] - e["logprob_true"] for r in recs for e in r["paraphrase"]]
+    assert res["margins"]["plain"] == pytest.approx(want, abs=1e-4)
+    assert rows["plain"]["earlier_generalization"] == pytest.approx(m_hist["generalization"])
+    assert rows["plain"]["new_efficacy"] == pytest.approx(m_next["efficacy"])
+    assert rows["plain"]["new_specificity"] == pytest.approx(m_next["specificity"])
+    change = [a - b for a, b in zip(res["margins"]["plain"], res["before_margins"])]
+    assert rows["plain"]["earlier_paraphrase_margin_change"] == pytest.approx(sum(change) / len(change))
