@@ -8,7 +8,9 @@ writes, or everywhere.
         docs/results/cf_n1000_b100_metake.json [--out by_batch.json]
 
 Prints one markdown table (rows per run: failed rewrites, generalization, specificity
-and, for MetaKE, the requests that got their plain target) and optionally writes JSON.
+and, for MetaKE, the requests that got their plain target), then each run's first and second
+half of the batches (the edits that went through more later writes, and the rest), and
+optionally writes JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +89,40 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def halves(run: dict) -> dict:
+    """Efficacy, generalization and specificity (percent) over the first and the second half of a run's batches.
+
+    With an odd number of batches the middle one goes to the second half. Each half is
+    weighted by its cases, so the two halves, weighted, give back the run's metrics.
+    """
+    bs = run["batches"]
+    cut = len(bs) // 2
+    out = {}
+    for name, part in (("first", bs[:cut]), ("second", bs[cut:])):
+        n = sum(b["n"] for b in part)
+        row = {"batches": [b["batch"] for b in part], "n": n}
+        row["efficacy"] = 100.0 * (1 - sum(b["failed_rewrites"] for b in part) / n) if n else None
+        for key in ("generalization", "specificity"):
+            have = [b for b in part if b[key] is not None]
+            row[key] = sum(b[key] * b["n"] for b in have) / sum(b["n"] for b in have) if have else None
+        out[name] = row
+    return out
+
+
+def halves_table(runs: list[dict]) -> str:
+    lines = [
+        "| run | efficacy, first half | second half | generalization, first half | second half "
+        "| specificity, first half | second half |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    f = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+    for r in runs:
+        h = halves(r)
+        cells = [f(h[part][k]) for k in ("efficacy", "generalization", "specificity") for part in ("first", "second")]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="results JSON files written by metake-fast evaluate")
@@ -98,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table(runs))
+    print()
+    print(halves_table(runs))
+    for r in runs:
+        r["halves"] = halves(r)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(runs, f, indent=1)

@@ -30,6 +30,13 @@ def test_batches_add_up_to_the_run_metrics(path):
     for key in ("generalization", "specificity"):
         assert sum(b[key] * b["n"] for b in out["batches"]) / n == pytest.approx(post[key], abs=1e-9)
     assert sum(b["plain_targets"] for b in out["batches"]) == (res["edit"].get("fallbacks") or 0)
+    h = results_by_batch.halves(out)  # the two halves, weighted by their cases, give the run back
+    assert h["first"]["n"] + h["second"]["n"] == n and h["first"]["batches"] == list(
+        range(1, len(out["batches"]) // 2 + 1)
+    )
+    for key in ("efficacy", "generalization", "specificity"):
+        both = (h["first"][key] * h["first"]["n"] + h["second"][key] * h["second"]["n"]) / n
+        assert both == pytest.approx(post[key], abs=1e-9)
 
 
 def test_grouping_and_errors(tmp_path, capsys):
