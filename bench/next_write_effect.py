@@ -12,7 +12,8 @@ target loop, the lower level's input), then each write is made from the same sta
 
 After each write the earlier edits are scored on their rewrite and paraphrase prompts (the
 efficacy and generalization prompts of the evaluation) and the new batch on all its prompts.
-Reported per write: the new batch's efficacy / generalization / specificity, the earlier
+Reported per write: the new batch's efficacy / generalization / specificity and mean paraphrase
+margin, the earlier
 edits' efficacy and generalization, and the mean change of the earlier edits' paraphrase
 margin ``log P(new) − log P(true)`` against the state before the write (paired over the same
 prompts, so small differences between writes are visible).
@@ -85,7 +86,8 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
 
     def score():
         mh, rh = evaluate_cases(ed.model, tok, hist)
-        mn, _ = evaluate_cases(ed.model, tok, nxt)
+        mn, rn = evaluate_cases(ed.model, tok, nxt)
+        mn["paraphrase_margin"] = sum(_margins(rn)) / max(len(_margins(rn)), 1)
         return mh, _margins(rh), mn
 
     before_h, before_m, before_n = score()
@@ -128,6 +130,7 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
                 "new_efficacy": _pct(mn["efficacy"]),
                 "new_generalization": _pct(mn["generalization"]),
                 "new_specificity": _pct(mn["specificity"]),
+                "new_paraphrase_margin": mn["paraphrase_margin"],
                 "earlier_efficacy": _pct(mh["efficacy"]),
                 "earlier_generalization": _pct(mh["generalization"]),
                 "earlier_paraphrase_margin_change": dm,
@@ -195,11 +198,13 @@ def main() -> None:
     hist = res["history_cases"]
     print()
     print(f"earlier edits: {len(hist)} ({len(before_m)} paraphrase prompts), next batch: {len(nxt)}")
-    print("| write | new eff | new gen | new spec | earlier eff | earlier gen | Δ margin (earlier) | vs plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| write | new eff | new gen | new spec | new margin | earlier eff | earlier gen | Δ margin (earlier) | vs plain |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| before | {before_n['efficacy']:.1f} | {before_n['generalization']:.1f} | {before_n['specificity']:.1f}"
-        f" | {before_h['efficacy']:.1f} | {before_h['generalization']:.1f} | – | – |"
+        f" | {before_n['paraphrase_margin']:+.3f} | {before_h['efficacy']:.1f} | {before_h['generalization']:.1f} | – | – |"
     )
     for name, r in rows.items():
         vs = (
@@ -209,7 +214,7 @@ def main() -> None:
         )
         print(
             f"| {name} | {r['new_efficacy']:.1f} | {r['new_generalization']:.1f} | {r['new_specificity']:.1f}"
-            f" | {r['earlier_efficacy']:.1f} | {r['earlier_generalization']:.1f}"
+            f" | {r['new_paraphrase_margin']:+.3f} | {r['earlier_efficacy']:.1f} | {r['earlier_generalization']:.1f}"
             f" | {r['earlier_paraphrase_margin_change']:+.3f} ± {r['earlier_paraphrase_margin_change_ci95']:.3f}"
             f" | {vs} |"
         )
@@ -222,7 +227,7 @@ def main() -> None:
         "before": {
             "earlier_efficacy": before_h["efficacy"],
             "earlier_generalization": before_h["generalization"],
-            "new": {k: before_n[k] for k in ("efficacy", "generalization", "specificity")},
+            "new": {k: before_n[k] for k in ("efficacy", "generalization", "specificity", "paraphrase_margin")},
         },
         "writes": rows,
         "targets_s": res["targets_s"],

@@ -87,11 +87,13 @@ def test_writes_match_the_editor_and_are_undone():
     ed.edit([c.request for c in NEXT], batch_size=2)
     lite = [dataclasses.replace(c, neighborhood_prompts=[]) for c in HIST]
     m_hist, recs = evaluate_cases(ed.model, ed.tok, lite)
-    m_next, _ = evaluate_cases(ed.model, ed.tok, NEXT)
+    m_next, recs_next = evaluate_cases(ed.model, ed.tok, NEXT)
     want = [e["logprob_new"] - e["logprob_true"] for r in recs for e in r["paraphrase"]]
     assert res["margins"]["plain"] == pytest.approx(want, abs=1e-4)
     assert rows["plain"]["earlier_generalization"] == pytest.approx(m_hist["generalization"])
     assert rows["plain"]["new_efficacy"] == pytest.approx(m_next["efficacy"])
     assert rows["plain"]["new_specificity"] == pytest.approx(m_next["specificity"])
+    new_m = [e["logprob_new"] - e["logprob_true"] for r in recs_next for e in r["paraphrase"]]
+    assert rows["plain"]["new_paraphrase_margin"] == pytest.approx(sum(new_m) / len(new_m), abs=1e-4)
     change = [a - b for a, b in zip(res["margins"]["plain"], res["before_margins"])]
     assert rows["plain"]["earlier_paraphrase_margin_change"] == pytest.approx(sum(change) / len(change))
