@@ -53,6 +53,41 @@ def git_commit() -> str:
     return commit() or "unknown"
 
 
+def parse_variants(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict]:
+    """``--variant NAME:field=value,...`` options -> {name: {field: value}}, each value read as
+    ``--set`` reads it (YAML, ``1e-2`` a number); bad syntax is ``p.error``."""
+    from metake_fast.hparams import HParamsError, parse_overrides
+
+    variants: dict[str, dict] = {}
+    for v in specs:
+        name, _, spec = v.partition(":")
+        try:
+            fields = parse_overrides([kv for kv in spec.split(",") if kv], flag="--variant")
+        except HParamsError as exc:
+            p.error(f"--variant {v!r}: expected NAME:field=value,... ({exc})")
+        if not name or name in ("plain", "metake") or name in variants:
+            p.error(f"--variant {v!r}: needs a new name (not plain/metake)")
+        variants[name] = fields
+    return variants
+
+
+def variant_hparams(p: argparse.ArgumentParser, hp_run, variants: dict[str, dict]) -> dict:
+    """Each variant's MetaKE hyperparameters: ``hp_run`` with its fields replaced, validated."""
+    import dataclasses
+
+    from metake_fast.hparams import ALIASES, HParamsError, make_hparams, validate_hparams
+
+    out = {}
+    for name, fields in variants.items():
+        try:
+            typed = make_hparams("metake", fields)
+            changed = {ALIASES.get(k, k) for k in fields}
+            out[name] = validate_hparams(dataclasses.replace(hp_run, **{k: getattr(typed, k) for k in changed}))
+        except (HParamsError, TypeError) as exc:
+            p.error(f"--variant {name}: {exc}")
+    return out
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -25,23 +25,17 @@ history term's weight: ``--variant eta10:history_weight=10 --variant eta30:histo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import torch
-import yaml
 
 from metake_fast.datasets import load_requests
 from metake_fast.editor import Editor
-from metake_fast.hparams import ALIASES, HParamsError, make_hparams, validate_hparams
+from metake_fast.hparams import ALIASES
 from metake_fast.metake import refine_targets
 from metake_fast.targets import optimize_targets
-
-
-def typed_names(fields: dict) -> list[str]:
-    return [ALIASES.get(k, k) for k in fields]
 
 
 def main() -> None:
@@ -60,27 +54,10 @@ def main() -> None:
     )
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    variants = {}
-    for v in args.variant:
-        name, _, spec = v.partition(":")
-        try:
-            fields = {k: yaml.safe_load(val) for k, val in (kv.split("=", 1) for kv in spec.split(",") if kv)}
-        except ValueError:
-            p.error(f"--variant {v!r}: expected NAME:field=value,...")
-        if not name or name in ("plain", "metake") or name in variants:
-            p.error(f"--variant {v!r}: needs a new name (not plain/metake)")
-        variants[name] = fields
+    variants = _common.parse_variants(p, args.variant)
     ed = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
     hp_run = ed.hparams
-    hps = {}
-    for name, fields in variants.items():
-        try:
-            typed = make_hparams("metake", fields)
-            hps[name] = validate_hparams(
-                dataclasses.replace(hp_run, **{k: getattr(typed, k) for k in typed_names(fields)})
-            )
-        except (HParamsError, TypeError) as exc:
-            p.error(f"--variant {name}: {exc}")
+    hps = _common.variant_hparams(p, hp_run, variants)
     ed.load_checkpoint(args.checkpoint)
     ed._ensure_solvers()
     reqs = load_requests("counterfact", args.start + args.n)[args.start :]
@@ -124,7 +101,9 @@ def main() -> None:
                 s.L_A, s.history_scale = saved[layer][0].clone(), saved[layer][1]
     ed.hparams = hp_run
     out = {"history": solvers[L].n_history, "requests": len(reqs), "seconds": time.perf_counter() - t0}
-    out["variants"] = {name: {k: getattr(hps[name], k) for k in typed_names(f)} for name, f in variants.items()}
+    out["variants"] = {
+        name: {ALIASES.get(k, k): getattr(hps[name], ALIASES.get(k, k)) for k in f} for name, f in variants.items()
+    }
     for k, m in res.items():
         for q, v in m.items():
             out[f"{q}_{k}"] = v

@@ -33,12 +33,10 @@ import time
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import torch
-import yaml
 
 from metake_fast.datasets import load_dataset
 from metake_fast.editor import Editor
 from metake_fast.evaluate import evaluate_cases, git_commit
-from metake_fast.hparams import ALIASES, HParamsError, make_hparams, validate_hparams
 from metake_fast.targets import optimize_targets
 
 
@@ -165,29 +163,14 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    variants: dict[str, dict] = {}
-    for v in args.variant:
-        name, _, spec = v.partition(":")
-        try:
-            fields = {k: yaml.safe_load(val) for k, val in (kv.split("=", 1) for kv in spec.split(",") if kv)}
-        except ValueError:
-            p.error(f"--variant {v!r}: expected NAME:field=value,...")
-        if not name or name in ("plain", "metake") or name in variants:
-            p.error(f"--variant {v!r}: needs a new name (not plain/metake)")
-        variants[name] = fields
+    variants = _common.parse_variants(p, args.variant)
 
     t_start = time.perf_counter()
     ed = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
     hp_run = ed.hparams
-    hps = {"metake": hp_run}
-    for name, fields in variants.items():
-        try:
-            typed = make_hparams("metake", fields)
-            names = [ALIASES.get(k, k) for k in fields]
-            hps[name] = validate_hparams(dataclasses.replace(hp_run, **{k: getattr(typed, k) for k in names}))
-        except (HParamsError, TypeError) as exc:
-            p.error(f"--variant {name}: {exc}")
-        if hps[name].history_scale != hp_run.history_scale:
+    hps = {"metake": hp_run, **_common.variant_hparams(p, hp_run, variants)}
+    for name, hp in hps.items():
+        if hp.history_scale != hp_run.history_scale:
             p.error(f"--variant {name}: history_scale changes the solver state; not supported here")
     ed.load_checkpoint(args.checkpoint)
     hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip)

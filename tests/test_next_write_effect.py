@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import corpus_lines, tiny_model, tiny_tokenizer
+from test_metake import HP  # the small MetaKE settings of the oracle tests
 
 from metake_fast.datasets import EvalCase
 from metake_fast.editor import Editor
@@ -19,15 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import next_write_effect as nwe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-HP = {
-    "v_num_grad_steps": 3,
-    "stats_tokens": 2000,
-    "stats_max_length": 64,
-    "context_template_count": 1,
-    "context_template_length": 3,
-    "layers": [1, 2],
-}
 
 
 def _case(subject, new, true):
@@ -97,3 +89,28 @@ def test_writes_match_the_editor_and_are_undone():
     assert rows["plain"]["new_paraphrase_margin"] == pytest.approx(sum(new_m) / len(new_m), abs=1e-4)
     change = [a - b for a, b in zip(res["margins"]["plain"], res["before_margins"])]
     assert rows["plain"]["earlier_paraphrase_margin_change"] == pytest.approx(sum(change) / len(change))
+
+
+def test_variant_options(capsys):
+    """``--variant NAME:field=value,...``: values read as YAML, aliases resolved, bad input a one-line usage error."""
+    import argparse
+
+    import _common
+
+    p = argparse.ArgumentParser(prog="x")
+    got = _common.parse_variants(p, ["eta30:history_weight=30,gamma=1e-2", "o0:outer_steps=0"])
+    assert got == {"eta30": {"history_weight": 30, "gamma": 0.01}, "o0": {"outer_steps": 0}}  # 1e-2 as --set reads it
+    hp = _editor().hparams
+    hps = _common.variant_hparams(p, hp, got)
+    assert (
+        hps["eta30"].history_weight == 30 and hps["eta30"].gamma == 0.01
+    )  # as the hparams files read it and hps["eta30"].outer_lr == hp.outer_lr
+    assert hps["o0"].outer_steps == 0 and hp.outer_steps == 10
+    for bad in (["x:steps"], ["x:gamma="], ["plain:gamma=1"], ["a:gamma=1", "a:gamma=2"], [":gamma=1"]):
+        with pytest.raises(SystemExit) as e:
+            _common.parse_variants(p, bad)
+        assert e.value.code == 2 and "--variant" in capsys.readouterr().err
+    for bad in ({"a": {"no_such_field": 1}}, {"a": {"outer_steps": -1}}):
+        with pytest.raises(SystemExit):
+            _common.variant_hparams(p, hp, bad)
+        assert "--variant a" in capsys.readouterr().err
