@@ -85,7 +85,8 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
     def score():
         mh, rh = evaluate_cases(ed.model, tok, hist)
         mn, rn = evaluate_cases(ed.model, tok, nxt)
-        mn["paraphrase_margin"] = sum(_margins(rn)) / max(len(_margins(rn)), 1)
+        new_m = _margins(rn)
+        mn["paraphrase_margin"] = sum(new_m) / max(len(new_m), 1)
         return mh, _margins(rh), mn
 
     before_h, before_m, before_n = score()
@@ -116,7 +117,6 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
                         fallback = int(safeguarded_write(ed, reqs, tpl, Z_plain, Z, timing).sum())
                     else:
                         ed._write(reqs, tpl, Z, timing)
-                    ed.hparams = hp_run
                 t_write = time.perf_counter() - t0
                 mh, m, mn = score()
             finally:
