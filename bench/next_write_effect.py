@@ -8,7 +8,11 @@ target loop, the lower level's input), then each write is made from the same sta
 
 * ``plain``: the plain targets written by the run's solver (AlphaEdit's write);
 * ``metake``: the run's own upper level (refined targets, its safeguard if it has one);
-* ``--variant NAME:field=value,...``: MetaKE with those settings changed (repeatable).
+* ``--variant NAME:field=value,...``: MetaKE with those settings changed (repeatable);
+* ``--plain-scale S``: the plain targets with their residuals scaled, ``Z = H + S·Δ``, written as
+  ``plain`` is (row ``plain_xS``; repeatable). A stronger write with no upper level: the control
+  for whether MetaKE's refinement buys more on the new batch per unit of cost to the earlier
+  edits than simply asking for more.
 
 After each write the earlier edits are scored on their rewrite and paraphrase prompts (the
 efficacy and generalization prompts of the evaluation) and the new batch on all its prompts.
@@ -16,7 +20,8 @@ Reported per write: the new batch's efficacy / generalization / specificity and 
 margin, the earlier
 edits' efficacy and generalization, and the mean change of the earlier edits' paraphrase
 margin ``log P(new) − log P(true)`` against the state before the write (paired over the same
-prompts, so small differences between writes are visible).
+prompts, so small differences between writes are visible). Each write other than ``plain`` is
+also paired with ``plain``: on the earlier edits' margins and on the new batch's paraphrase margins.
 
     python bench/next_write_effect.py --checkpoint runs/ckpt/state.safetensors \
         --hparams examples/hparams/metake_smollm2_steps50.yaml --history-data counterfact \
@@ -65,13 +70,16 @@ def _mean_ci(d: list[float]) -> tuple[float, float]:
     return m, 1.96 * sd / math.sqrt(n)
 
 
-def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda m: None) -> dict:
+def next_write_effect(
+    ed: Editor, hist_cases, next_cases, hps: dict, log=lambda m: None, plain_scales: tuple[float, ...] = ()
+) -> dict:
     """Each write of ``next_cases`` from ``ed``'s current state, undone after scoring (see the module doc).
 
     ``hps``: name -> MetaKE hyperparameters for the refined writes (``"plain"`` is always made
-    first). Returns ``before`` / ``before_new`` (metrics before any write), ``before_margins``,
-    ``writes`` (one row per write) and ``margins`` (the earlier edits' paraphrase margins after
-    each write). The editor's weights and solver state are as before when it returns.
+    first); ``plain_scales``: rows ``plain_xS`` writing ``H + S·Δ``. Returns ``before`` /
+    ``before_new`` (metrics before any write), ``before_margins``, ``writes`` (one row per write),
+    ``margins`` (the earlier edits' paraphrase margins after each write) and ``new_margins`` (the
+    new batch's). The editor's weights and solver state are as before when it returns.
     """
     from metake_fast.metake import refine_targets, safeguarded_write
 
@@ -87,9 +95,9 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
         mn, rn = evaluate_cases(ed.model, tok, nxt)
         new_m = _margins(rn)
         mn["paraphrase_margin"] = sum(new_m) / max(len(new_m), 1)
-        return mh, _margins(rh), mn
+        return mh, _margins(rh), mn, new_m
 
-    before_h, before_m, before_n = score()
+    before_h, before_m, before_n, _ = score()
     log(f"before: earlier edits eff {before_h['efficacy']:.1f} gen {before_h['generalization']:.1f}")
     tpl = ed._templates()
     L = ed.layers[-1]
@@ -99,10 +107,12 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
     )
     t_targets = time.perf_counter() - t0
     Z_plain = (tres.h + tres.delta).T
+    scaled = {f"plain_x{s:g}": (tres.h + s * tres.delta).T for s in plain_scales}
     rows = {}
     margins = {}
+    new_margins = {}
     try:
-        for name in ["plain", *hps]:
+        for name in ["plain", *scaled, *hps]:
             snap = ed._snapshot()
             timing = {"targets": 0.0, "keys": 0.0, "solve": 0.0, "apply": 0.0}
             t0 = time.perf_counter()
@@ -110,6 +120,8 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
             try:
                 if name == "plain":
                     ed._write(reqs, tpl, Z_plain, timing)
+                elif name in scaled:
+                    ed._write(reqs, tpl, scaled[name], timing)
                 else:
                     ed.hparams = hps[name]
                     Z = refine_targets(ed, reqs, tpl, tres, timing)
@@ -118,11 +130,12 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
                     else:
                         ed._write(reqs, tpl, Z, timing)
                 t_write = time.perf_counter() - t0
-                mh, m, mn = score()
+                mh, m, mn, new_m = score()
             finally:
                 ed.hparams = hp_run
                 ed._rollback(snap)
             margins[name] = m
+            new_margins[name] = new_m
             dm, ci = _mean_ci([a - b for a, b in zip(m, before_m)])
             rows[name] = {
                 "new_efficacy": _pct(mn["efficacy"]),
@@ -139,13 +152,16 @@ def next_write_effect(ed: Editor, hist_cases, next_cases, hps: dict, log=lambda 
             log(f"{name} {json.dumps(rows[name])}")
     finally:
         tres.problems = None
-    for name in hps:  # paired against the plain write, on the same prompts
+    for name in [*scaled, *hps]:  # paired against the plain write, on the same prompts
         dm, ci = _mean_ci([a - b for a, b in zip(margins[name], margins["plain"])])
         rows[name]["earlier_margin_vs_plain"] = dm
         rows[name]["earlier_margin_vs_plain_ci95"] = ci
+        dm, ci = _mean_ci([a - b for a, b in zip(new_margins[name], new_margins["plain"])])
+        rows[name]["new_margin_vs_plain"] = dm
+        rows[name]["new_margin_vs_plain_ci95"] = ci
     return {
         "before": before_h, "before_new": before_n, "before_margins": before_m, "writes": rows,
-        "margins": margins, "targets_s": t_targets, "history_cases": hist,
+        "margins": margins, "new_margins": new_margins, "targets_s": t_targets, "history_cases": hist,
     }  # fmt: skip
 
 
@@ -161,9 +177,19 @@ def main() -> None:
     p.add_argument("--next-skip", type=int, required=True, help="first record of the next batch")
     p.add_argument("--n", type=int, default=100, help="requests in the next batch")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...")
+    p.add_argument(
+        "--plain-scale", action="append", type=float, default=[], metavar="S",
+        help="also write the plain targets with their residuals times S (repeatable)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     variants = _common.parse_variants(p, args.variant)
+    if any(not math.isfinite(s) or s < 0 for s in args.plain_scale) or len(set(args.plain_scale)) < len(
+        args.plain_scale
+    ):
+        p.error("--plain-scale: each S must be a distinct finite number >= 0")
+    if any(name.startswith("plain_x") for name in variants):
+        p.error("--variant: names starting with plain_x are the --plain-scale rows")
 
     t_start = time.perf_counter()
     ed = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
@@ -175,29 +201,35 @@ def main() -> None:
     ed.load_checkpoint(args.checkpoint)
     hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip)
     nxt = load_dataset(args.next_data, args.n, skip=args.next_skip)
-    res = next_write_effect(ed, hist, nxt, hps, log=lambda m: print(m, flush=True))
+    res = next_write_effect(
+        ed, hist, nxt, hps, log=lambda m: print(m, flush=True), plain_scales=tuple(args.plain_scale)
+    )
     before_h, before_n, rows = res["before"], res["before_new"], res["writes"]
     before_m = res["before_margins"]
     hist = res["history_cases"]
     print()
     print(f"earlier edits: {len(hist)} ({len(before_m)} paraphrase prompts), next batch: {len(nxt)}")
     print(
-        "| write | new eff | new gen | new spec | new margin | earlier eff | earlier gen | Δ margin (earlier) | vs plain |"
+        "| write | new eff | new gen | new spec | new margin | vs plain | earlier eff | earlier gen"
+        " | Δ margin (earlier) | vs plain |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| before | {before_n['efficacy']:.1f} | {before_n['generalization']:.1f} | {before_n['specificity']:.1f}"
-        f" | {before_n['paraphrase_margin']:+.3f} | {before_h['efficacy']:.1f} | {before_h['generalization']:.1f} | – | – |"
+        f" | {before_n['paraphrase_margin']:+.3f} | – | {before_h['efficacy']:.1f} | {before_h['generalization']:.1f} | – | – |"
     )
     for name, r in rows.items():
-        vs = (
-            f"{r['earlier_margin_vs_plain']:+.3f} ± {r['earlier_margin_vs_plain_ci95']:.3f}"
+        vs, vs_new = (
+            (
+                f"{r['earlier_margin_vs_plain']:+.3f} ± {r['earlier_margin_vs_plain_ci95']:.3f}",
+                f"{r['new_margin_vs_plain']:+.3f} ± {r['new_margin_vs_plain_ci95']:.3f}",
+            )
             if "earlier_margin_vs_plain" in r
-            else "–"
+            else ("–", "–")
         )
         print(
             f"| {name} | {r['new_efficacy']:.1f} | {r['new_generalization']:.1f} | {r['new_specificity']:.1f}"
-            f" | {r['new_paraphrase_margin']:+.3f} | {r['earlier_efficacy']:.1f} | {r['earlier_generalization']:.1f}"
+            f" | {r['new_paraphrase_margin']:+.3f} | {vs_new} | {r['earlier_efficacy']:.1f} | {r['earlier_generalization']:.1f}"
             f" | {r['earlier_paraphrase_margin_change']:+.3f} ± {r['earlier_paraphrase_margin_change_ci95']:.3f}"
             f" | {vs} |"
         )
@@ -207,6 +239,7 @@ def main() -> None:
         "history": {"data": args.history_data, "skip": args.history_skip, "n": args.history_n},
         "next": {"data": args.next_data, "skip": args.next_skip, "n": args.n},
         "variants": variants,
+        "plain_scales": args.plain_scale,
         "before": {
             "earlier_efficacy": before_h["efficacy"],
             "earlier_generalization": before_h["generalization"],

@@ -91,6 +91,30 @@ def test_writes_match_the_editor_and_are_undone():
     assert rows["plain"]["earlier_paraphrase_margin_change"] == pytest.approx(sum(change) / len(change))
 
 
+def test_scaled_plain_writes():
+    """``plain_scales``: S = 1 is the plain write exactly, S = 0 asks for no change (the earlier
+    edits' margins stay where they were), and the paired new-batch column is the difference of
+    the new batch's mean margins."""
+    ed = _editor(safeguard=False)
+    ed.edit([c.request for c in HIST], batch_size=2)
+    before = _state(ed)
+    res = nwe.next_write_effect(ed, HIST, NEXT, {"metake": ed.hparams}, plain_scales=(1.0, 0.0, 2.0))
+    after = _state(ed)
+    for layer in ed.layers:
+        assert torch.equal(before[0][layer], after[0][layer])
+    rows, margins = res["writes"], res["margins"]
+    assert list(rows) == ["plain", "plain_x1", "plain_x0", "plain_x2", "metake"]
+    assert margins["plain_x1"] == margins["plain"] and rows["plain_x1"]["new_margin_vs_plain"] == 0.0
+    assert margins["plain_x0"] == pytest.approx(res["before_margins"], abs=1e-4)  # Z = H: nothing to write
+    assert rows["plain_x0"]["earlier_paraphrase_margin_change"] == pytest.approx(0.0, abs=1e-4)
+    # the tiny model's plain targets are far from H: asking for twice the residual moves the new batch further
+    assert rows["plain_x2"]["new_paraphrase_margin"] > rows["plain"]["new_paraphrase_margin"]
+    for name in ("plain_x2", "metake"):
+        want = rows[name]["new_paraphrase_margin"] - rows["plain"]["new_paraphrase_margin"]
+        assert rows[name]["new_margin_vs_plain"] == pytest.approx(want, abs=1e-9)
+        assert len(res["new_margins"][name]) == sum(len(c.paraphrase_prompts) for c in NEXT)
+
+
 def test_variant_options(capsys):
     """``--variant NAME:field=value,...``: values read as YAML, aliases resolved, bad input a one-line usage error."""
     import argparse
