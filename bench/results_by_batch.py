@@ -7,8 +7,9 @@ writes, or everywhere.
     python bench/results_by_batch.py docs/results/cf_n1000_b100_alphaedit.json \
         docs/results/cf_n1000_b100_metake.json [--out by_batch.json]
 
-Prints one markdown table (rows per run: failed rewrites, generalization, specificity
-and, for MetaKE, the requests that got their plain target), then each run's first and second
+Prints one markdown table (rows per run: failed rewrites, generalization, specificity, the
+mean paraphrase margin ``log P(new) − log P(true)`` over the batch's paraphrase prompts and,
+for MetaKE, the requests that got their plain target), then each run's first and second
 half of the batches (the edits that went through more later writes, and the rest), and
 optionally writes JSON.
 """
@@ -59,12 +60,15 @@ def by_batch(results_path: str) -> dict:
     batches = []
     for b in sorted(posts):
         recs = posts[b]
+        margins = [e["logprob_new"] - e["logprob_true"] for r in recs for e in r.get("paraphrase") or []]
         batches.append({
             "batch": b + 1,
             "n": len(recs),
             "failed_rewrites": sum(1.0 - r["efficacy"] for r in recs if r.get("efficacy") is not None),
             **{k: v for k, v in record_metrics(recs).items() if k != "efficacy"},
             "plain_targets": plain[b],
+            "paraphrase_prompts": len(margins),
+            "paraphrase_margin": sum(margins) / len(margins) if margins else None,
         })  # fmt: skip
     label = res["method"] + (f" ({res['commit']})" if res.get("commit") else "")
     return {"label": label, "results": results_path, "batch_size": bsz, "batches": batches,
@@ -84,16 +88,19 @@ def table(runs: list[dict]) -> str:
     row("failed rewrites", "failed_rewrites", lambda x: f"{x:g}")
     row("generalization", "generalization", lambda x: "–" if x is None else f"{x:.0f}")
     row("specificity", "specificity", lambda x: "–" if x is None else f"{x:.0f}")
+    row("paraphrase margin", "paraphrase_margin", lambda x: "–" if x is None else f"{x:+.2f}")
     if any(b["plain_targets"] for r in runs for b in r["batches"]):
         row("plain targets", "plain_targets", str)
     return "\n".join(lines)
 
 
 def halves(run: dict) -> dict:
-    """Efficacy, generalization and specificity (percent) over the first and the second half of a run's batches.
+    """Efficacy, generalization and specificity (percent) and the mean paraphrase margin (nats)
+    over the first and the second half of a run's batches.
 
     With an odd number of batches the middle one goes to the second half. Each half is
-    weighted by its cases, so the two halves, weighted, give back the run's metrics.
+    weighted by its cases (the margin by its paraphrase prompts), so the two halves, weighted,
+    give back the run's metrics.
     """
     bs = run["batches"]
     cut = len(bs) // 2
@@ -105,6 +112,13 @@ def halves(run: dict) -> dict:
         for key in ("generalization", "specificity"):
             have = [b for b in part if b[key] is not None]
             row[key] = sum(b[key] * b["n"] for b in have) / sum(b["n"] for b in have) if have else None
+        n_par = sum(b.get("paraphrase_prompts", 0) for b in part)
+        row["paraphrase_prompts"] = n_par
+        row["paraphrase_margin"] = (
+            sum(b["paraphrase_margin"] * b["paraphrase_prompts"] for b in part if b.get("paraphrase_prompts")) / n_par
+            if n_par
+            else None
+        )
         out[name] = row
     return out
 
@@ -112,13 +126,15 @@ def halves(run: dict) -> dict:
 def halves_table(runs: list[dict]) -> str:
     lines = [
         "| run | efficacy, first half | second half | generalization, first half | second half "
-        "| specificity, first half | second half |",
-        "|---|---|---|---|---|---|---|",
+        "| specificity, first half | second half | paraphrase margin, first half | second half |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+    fm = lambda x: "–" if x is None else f"{x:+.3f}"  # noqa: E731
     for r in runs:
         h = halves(r)
         cells = [f(h[part][k]) for k in ("efficacy", "generalization", "specificity") for part in ("first", "second")]
+        cells += [fm(h[part]["paraphrase_margin"]) for part in ("first", "second")]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

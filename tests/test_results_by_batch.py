@@ -37,6 +37,15 @@ def test_batches_add_up_to_the_run_metrics(path):
     for key in ("efficacy", "generalization", "specificity"):
         both = (h["first"][key] * h["first"]["n"] + h["second"][key] * h["second"]["n"]) / n
         assert both == pytest.approx(post[key], abs=1e-9)
+    # the paraphrase margin, straight from the records: every paraphrase prompt's log P(new) - log P(true)
+    with results_by_batch.open_records(results_by_batch.records_path(str(path), res)) as f:
+        margins = [e["logprob_new"] - e["logprob_true"] for line in f for e in json.loads(line)["post"]["paraphrase"]]
+    n_par = sum(b["paraphrase_prompts"] for b in out["batches"])
+    assert n_par == len(margins) == h["first"]["paraphrase_prompts"] + h["second"]["paraphrase_prompts"]
+    by_b = sum(b["paraphrase_margin"] * b["paraphrase_prompts"] for b in out["batches"]) / n_par
+    by_h = sum(h[k]["paraphrase_margin"] * h[k]["paraphrase_prompts"] for k in ("first", "second")) / n_par
+    assert by_b == pytest.approx(sum(margins) / len(margins), abs=1e-9)
+    assert by_h == pytest.approx(sum(margins) / len(margins), abs=1e-9)
 
 
 def test_grouping_and_errors(tmp_path, capsys):
@@ -45,6 +54,8 @@ def test_grouping_and_errors(tmp_path, capsys):
     for i in range(5):
         gen = None if i == 4 else 0.5 * (i % 3 == 0)  # no paraphrase prompts: left out, as in evaluate
         post = {"efficacy": float(i % 2), "generalization": gen, "specificity": 1.0}
+        if gen is not None:  # one paraphrase prompt with margin i
+            post["paraphrase"] = [{"logprob_new": float(i), "logprob_true": 0.0}]
         recs.append({"index": i, "post": post, "edit": {"fallback": i == 4}})
     (tmp_path / "r.records.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     res = {"method": "x", "batch_size": 2, "metrics_post": {}, "records": "elsewhere/r.records.jsonl"}
@@ -53,6 +64,10 @@ def test_grouping_and_errors(tmp_path, capsys):
     assert [b["n"] for b in out["batches"]] == [2, 2, 1]
     assert [b["failed_rewrites"] for b in out["batches"]] == [1.0, 1.0, 1.0]
     assert [b["generalization"] for b in out["batches"]] == [25.0, 25.0, None]
+    assert [b["paraphrase_margin"] for b in out["batches"]] == [0.5, 2.5, None]
+    h = results_by_batch.halves(out)  # batch 1 / batches 2-3 (the middle one goes second)
+    assert h["first"]["paraphrase_margin"] == 0.5 and h["second"]["paraphrase_margin"] == 2.5
+    assert "+2.500" in results_by_batch.halves_table([out])
     assert "–" in results_by_batch.table([out])
     assert [b["plain_targets"] for b in out["batches"]] == [0, 0, 1]
     (tmp_path / "r.records.jsonl").unlink()
