@@ -33,7 +33,7 @@ import sys
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import numpy as np
-from compare_runs import ALL_METRICS, load_pooled
+from compare_runs import ALL_METRICS, SCALE, load_pooled, metric_label
 
 #: two-sided 95 % quantiles of Student's t, degrees of freedom 1..30
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -52,11 +52,11 @@ def t975(df: int) -> float:
 
 
 def pair_differences(base: dict, other: dict, metric: str) -> np.ndarray:
-    """Per-case ``other − base`` in points, over cases both scored."""
+    """Per-case ``other − base`` in points (nats for the log margins), over cases both scored."""
     if base["case_ids"] != other["case_ids"]:
         raise ValueError(f"{other['results']}: not the same cases, in the same order, as {base['results']}")
     pairs = [(a, b) for a, b in zip(base["post"][metric], other["post"][metric]) if a is not None and b is not None]
-    return 100.0 * np.array([b - a for a, b in pairs], dtype=np.float64)
+    return SCALE[metric] * np.array([b - a for a, b in pairs], dtype=np.float64)
 
 
 def random_effects(d: np.ndarray, v: np.ndarray) -> dict:
@@ -109,7 +109,7 @@ def table(pooled: dict) -> str:
     ]
     for m, r in pooled.items():
         if r is None:
-            lines.append(f"| {m} | – | – | – | – | – |")
+            lines.append(f"| {metric_label(m)} | – | – | – | – | – |")
             continue
         each = ", ".join(f"{p['diff']:+.2f}" for p in r["pairs"])
         tau = "–" if r["tau2"] is None else f"{math.sqrt(r['tau2']):.2f}"
@@ -117,7 +117,7 @@ def table(pooled: dict) -> str:
             "one pair: no between-pair variance" if r["ci95"] is None else f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
         )
         lines.append(
-            f"| {m} | {each} | {r['fixed']:+.2f} ± {1.96 * r['fixed_se']:.2f} | {tau} | {r['random']:+.2f} | {ci} |"
+            f"| {metric_label(m)} | {each} | {r['fixed']:+.2f} ± {1.96 * r['fixed_se']:.2f} | {tau} | {r['random']:+.2f} | {ci} |"
         )
     return "\n".join(lines)
 

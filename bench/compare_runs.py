@@ -11,6 +11,10 @@ table has the field's magnitude metrics for CounterFact records (ROME's EM / PM 
 case the mean of ``P(new) − P(true)`` over its rewrite / paraphrase prompts, and of
 ``P(true) − P(new)`` over its neighbourhood prompts, in points. A score flips on prompts
 where both probabilities are tiny; the magnitude weighs each prompt by how far it moved.
+The log margins (``*_log_margin``, in nats, not points) are the same per-case means of
+``log P(new) − log P(true)`` (``log P(true) − log P(new)`` on the neighbourhood): the quantity
+the target loop and MetaKE's upper level optimise, which a probability difference compresses
+once either probability is near 0 or 1.
 
     python bench/compare_runs.py docs/results/cf_n1000_b100_alphaedit.json \
         docs/results/cf_n1000_b100_metake.json [more runs ...] [--resamples 10000] [--out cmp.json]
@@ -31,7 +35,36 @@ from results_by_batch import open_records, records_path
 from metake_fast.evaluate import MAGNITUDE_KEYS, record_magnitudes
 
 METRICS = ("efficacy", "generalization", "specificity")
-ALL_METRICS = METRICS + tuple(MAGNITUDE_KEYS)
+#: per case, the mean log-probability margin over its prompts of each kind (nats)
+LOG_MARGIN_KEYS = {
+    "efficacy_log_margin": "rewrite",
+    "generalization_log_margin": "paraphrase",
+    "specificity_log_margin": "neighborhood",
+}
+ALL_METRICS = METRICS + tuple(MAGNITUDE_KEYS) + tuple(LOG_MARGIN_KEYS)
+#: a per-case value times this is the table's unit: points for the scores and magnitudes, nats for the log margins
+SCALE = {m: 1.0 if m in LOG_MARGIN_KEYS else 100.0 for m in ALL_METRICS}
+
+
+def record_log_margins(record: dict) -> dict[str, float | None]:
+    """The log margins of one CounterFact record (nats): per kind, the mean of ``log P(new) −
+    log P(true)`` over its prompts (the negative on the neighbourhood); ``None`` for a kind
+    without prompts that have both (ZsRE records have no P(true))."""
+    out = {}
+    for key, kind in LOG_MARGIN_KEYS.items():
+        sign = -1.0 if kind == "neighborhood" else 1.0
+        vals = [
+            sign * (float(e["logprob_new"]) - float(e["logprob_true"]))
+            for e in record.get(kind) or []
+            if e.get("logprob_new") is not None and e.get("logprob_true") is not None
+        ]
+        out[key] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def metric_label(m: str) -> str:
+    """The metric's name with its unit where it is not points."""
+    return f"{m} (nats)" if SCALE[m] == 1.0 else m
 
 
 def load_cases(results_path: str) -> dict:
@@ -48,6 +81,8 @@ def load_cases(results_path: str) -> dict:
                 post[m].append(None if v is None else float(v))
             # computed again from the prompts: records written before the magnitudes existed lack them
             for m, v in record_magnitudes(r["post"]).items():
+                post[m].append(v)
+            for m, v in record_log_margins(r["post"]).items():
                 post[m].append(v)
     name = os.path.splitext(os.path.basename(results_path))[0]
     label = name + (f" ({res['commit']})" if res.get("commit") else "")
@@ -81,7 +116,7 @@ def sign_test_p(better: int, worse: int) -> float:
 
 
 def compare(base: dict, other: dict, *, resamples: int = 10000, seed: int = 0) -> dict:
-    """Per-metric paired comparison of ``other`` against ``base`` (points, percent scale)."""
+    """Per-metric paired comparison of ``other`` against ``base`` (points, percent scale; nats for the log margins)."""
     if base["case_ids"] != other["case_ids"]:
         raise ValueError(f"{other['results']}: not the same cases, in the same order, as {base['results']}")
     rng = np.random.default_rng(seed)
@@ -91,7 +126,7 @@ def compare(base: dict, other: dict, *, resamples: int = 10000, seed: int = 0) -
         if not pairs:
             out["metrics"][m] = None
             continue
-        d = 100.0 * np.array([b - a for a, b in pairs], dtype=np.float64)
+        d = SCALE[m] * np.array([b - a for a, b in pairs], dtype=np.float64)
         idx = rng.integers(0, len(d), size=(resamples, len(d)))
         boot = d[idx].mean(axis=1)
         better, worse = int((d > 0).sum()), int((d < 0).sum())
@@ -117,11 +152,11 @@ def table(base: dict, comps: list[dict]) -> str:
         for m in ALL_METRICS:
             s = c["metrics"][m]
             if s is None:
-                lines.append(f"| {c['label']} | {m} | – | – | – | – |")
+                lines.append(f"| {c['label']} | {metric_label(m)} | – | – | – | – |")
                 continue
             lo, hi = s["ci95"]
             lines.append(
-                f"| {c['label']} | {m} | {s['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
+                f"| {c['label']} | {metric_label(m)} | {s['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
                 f"{s['better']} / {s['worse']} | {s['sign_test_p']:.3g} |"
             )
     return "\n".join(lines)

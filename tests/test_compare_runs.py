@@ -69,6 +69,44 @@ def test_magnitudes_against_the_records_probabilities(base_path, path):
         assert s["better"] == sum(o > b for o, b in zip(other[k], base[k]))
 
 
+@pytest.mark.parametrize("base_path,path", [(b, p) for b, p in PAIRS if b != p][:3])
+def test_log_margins_against_the_records(base_path, path):
+    """The log-margin rows are the paired mean of each case's mean ``log P(new) − log P(true)``, in nats."""
+
+    def per_case(p):
+        with compare_runs.open_records(compare_runs.records_path(str(p), json.loads(p.read_text()))) as f:
+            posts = [json.loads(line)["post"] for line in f.read().splitlines()]
+        out = {}
+        for k, field, sign in (("efficacy", "rewrite", 1), ("generalization", "paraphrase", 1),
+                               ("specificity", "neighborhood", -1)):  # fmt: skip
+            out[k] = [
+                sum(sign * (e["logprob_new"] - e["logprob_true"]) for e in q[field]) / len(q[field]) for q in posts
+            ]
+        return out
+
+    base, other = per_case(base_path), per_case(path)
+    out = compare_runs.compare(
+        compare_runs.load_cases(str(base_path)), compare_runs.load_cases(str(path)), resamples=200
+    )
+    for k in ("efficacy", "generalization", "specificity"):
+        s = out["metrics"][f"{k}_log_margin"]
+        want = sum(o - b for o, b in zip(other[k], base[k])) / len(base[k])
+        assert s["n"] == 1000 and s["diff"] == pytest.approx(want, abs=1e-9)
+    assert "generalization_log_margin (nats)" in compare_runs.table(compare_runs.load_cases(str(base_path)), [out])
+
+
+def test_log_margin_closed_form():
+    post = {
+        "rewrite": [{"logprob_new": -0.5, "logprob_true": -2.5}],
+        "paraphrase": [{"logprob_new": -1.0, "logprob_true": -2.0}, {"logprob_new": -3.0, "logprob_true": -1.0}],
+        "neighborhood": [{"logprob_new": -4.0, "logprob_true": -1.0}, {"logprob_new": -1.0}],
+    }
+    m = compare_runs.record_log_margins(post)
+    assert m == {"efficacy_log_margin": 2.0, "generalization_log_margin": -0.5, "specificity_log_margin": 3.0}
+    z = compare_runs.record_log_margins({"rewrite": [{"logprob_new": -0.3}]})  # ZsRE: no P(true)
+    assert z == {"efficacy_log_margin": None, "generalization_log_margin": None, "specificity_log_margin": None}
+
+
 def test_magnitude_closed_form():
     post = {
         "rewrite": [{"p_new": 0.9, "p_true": 0.1}],
