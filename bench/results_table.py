@@ -13,10 +13,25 @@ def fmt(x) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def load(path: str) -> dict:
+    with open(path) as f:
+        res = json.load(f)
+    missing = [
+        k for k in ("method", "num_edits", "batch_size", "metrics_pre", "metrics_post", "timing") if k not in res
+    ]
+    if missing:
+        raise ValueError(f"{path}: not a metake-fast evaluate results file (no {', '.join(missing)})")
+    return res
+
+
 def main(paths: list[str]) -> int:
-    rows = [json.load(open(p)) for p in paths]
-    if not rows:
+    if not paths:
         print("no results files given", file=sys.stderr)
+        return 2
+    try:
+        rows = [load(p) for p in paths]
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     head = "| method | N | B | efficacy | generalization | specificity | edit s | edits/s |"
     print(head)
