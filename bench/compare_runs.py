@@ -32,34 +32,12 @@ import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import numpy as np
 from results_by_batch import open_records, records_path
 
-from metake_fast.evaluate import MAGNITUDE_KEYS, record_magnitudes
+from metake_fast.evaluate import LOG_MARGIN_KEYS, MAGNITUDE_KEYS, record_log_margins, record_magnitudes
 
 METRICS = ("efficacy", "generalization", "specificity")
-#: per case, the mean log-probability margin over its prompts of each kind (nats)
-LOG_MARGIN_KEYS = {
-    "efficacy_log_margin": "rewrite",
-    "generalization_log_margin": "paraphrase",
-    "specificity_log_margin": "neighborhood",
-}
 ALL_METRICS = METRICS + tuple(MAGNITUDE_KEYS) + tuple(LOG_MARGIN_KEYS)
 #: a per-case value times this is the table's unit: points for the scores and magnitudes, nats for the log margins
 SCALE = {m: 1.0 if m in LOG_MARGIN_KEYS else 100.0 for m in ALL_METRICS}
-
-
-def record_log_margins(record: dict) -> dict[str, float | None]:
-    """The log margins of one CounterFact record (nats): per kind, the mean of ``log P(new) −
-    log P(true)`` over its prompts (the negative on the neighbourhood); ``None`` for a kind
-    without prompts that have both (ZsRE records have no P(true))."""
-    out = {}
-    for key, kind in LOG_MARGIN_KEYS.items():
-        sign = -1.0 if kind == "neighborhood" else 1.0
-        vals = [
-            sign * (float(e["logprob_new"]) - float(e["logprob_true"]))
-            for e in record.get(kind) or []
-            if e.get("logprob_new") is not None and e.get("logprob_true") is not None
-        ]
-        out[key] = sum(vals) / len(vals) if vals else None
-    return out
 
 
 def metric_label(m: str) -> str:

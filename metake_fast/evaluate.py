@@ -73,6 +73,7 @@ __all__ = [
     "METRIC_KEYS",
     "evaluate_cases",
     "generate_greedy",
+    "record_log_margins",
     "record_magnitudes",
     "ngram_entropy",
     "results_records_path",
@@ -108,20 +109,41 @@ def record_metrics(records: Sequence[dict]) -> dict[str, float | None]:
     return {key: _pct(_mean([r.get(key) for r in records])) for key in keys}
 
 
+#: per case, the mean log-probability margin over its prompts of each kind (nats)
+LOG_MARGIN_KEYS = {
+    "efficacy_log_margin": "rewrite",
+    "generalization_log_margin": "paraphrase",
+    "specificity_log_margin": "neighborhood",
+}
+
+
+def _kind_means(record: dict, keys: dict[str, str], new: str, true: str) -> dict[str, float | None]:
+    """Per prompt kind, the mean of ``e[new] − e[true]`` over the record's prompts that have both
+    (``e[true] − e[new]`` on the neighbourhood); ``None`` for a kind without such prompts."""
+    out = {}
+    for key, kind in keys.items():
+        sign = -1.0 if kind == "neighborhood" else 1.0
+        vals = [
+            sign * (float(e[new]) - float(e[true]))
+            for e in record.get(kind) or []
+            if e.get(new) is not None and e.get(true) is not None
+        ]
+        out[key] = _mean(vals)
+    return out
+
+
 def record_magnitudes(record: dict) -> dict[str, float | None]:
     """EM / PM / NM of one CounterFact record (fractions, not percent) from its prompts' P(new),
     P(true): the mean of P(new) − P(true) (P(true) − P(new) on the neighbourhood); ``None`` for a
     kind without prompts that have both (ZsRE records have no P(true))."""
-    out = {}
-    for key, kind in MAGNITUDE_KEYS.items():
-        sign = -1.0 if kind == "neighborhood" else 1.0
-        vals = [
-            sign * (float(e["p_new"]) - float(e["p_true"]))
-            for e in record.get(kind) or []
-            if e.get("p_new") is not None and e.get("p_true") is not None
-        ]
-        out[key] = _mean(vals)
-    return out
+    return _kind_means(record, MAGNITUDE_KEYS, "p_new", "p_true")
+
+
+def record_log_margins(record: dict) -> dict[str, float | None]:
+    """The log margins of one CounterFact record (nats): per kind, the mean of ``log P(new) −
+    log P(true)`` over its prompts (the negative on the neighbourhood); ``None`` for a kind
+    without prompts that have both (ZsRE records have no P(true))."""
+    return _kind_means(record, LOG_MARGIN_KEYS, "logprob_new", "logprob_true")
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
