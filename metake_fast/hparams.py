@@ -140,7 +140,10 @@ class MetaKEHParams(AlphaEditHParams):
     history_weight: η of an extra term ``η·tr(Rᵀ H_p R)/mean‖h‖²`` in the outer objective, the
         squared disturbance ``‖ΔW K_p‖²`` the last layer's write would cause on the keys of every
         earlier edit (exact for the AlphaEdit solver, :meth:`NullSpaceSolver.history_gram`);
-        0 (default) leaves F as in METHOD.md. Needs ``base_solver: alphaedit``.
+        0 (default) leaves F as in METHOD.md. Needs ``base_solver: alphaedit``. Measured after
+        1,000 sequential edits (docs/RESULTS.md, session 16): 15 makes a write cost the earlier
+        edits no more than AlphaEdit's and keeps three quarters of the new batch's gain; 30
+        keeps a fifth of it.
     safeguard_history: with the safeguard, also score the earlier edits' rewrite prompts before
         and after the write; if fewer prefer their new object afterwards, compare with the plain
         targets' write from the same state and keep the write with more successes over all edits
