@@ -60,7 +60,12 @@ def by_batch(results_path: str) -> dict:
     batches = []
     for b in sorted(posts):
         recs = posts[b]
-        margins = [e["logprob_new"] - e["logprob_true"] for r in recs for e in r.get("paraphrase") or []]
+        margins = [  # ZsRE records have no P(true): no margin
+            e["logprob_new"] - e["logprob_true"]
+            for r in recs
+            for e in r.get("paraphrase") or []
+            if e.get("logprob_new") is not None and e.get("logprob_true") is not None
+        ]
         batches.append({
             "batch": b + 1,
             "n": len(recs),

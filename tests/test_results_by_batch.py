@@ -48,6 +48,18 @@ def test_batches_add_up_to_the_run_metrics(path):
     assert by_h == pytest.approx(sum(margins) / len(margins), abs=1e-9)
 
 
+def test_zsre_runs_have_no_margin():
+    """ZsRE records carry no P(true): the scores are broken down, the margin is left out."""
+    path = RES / "zsre3_n100_b100_alphaedit_steps50.json"
+    out = results_by_batch.by_batch(str(path))
+    post = json.loads(path.read_text())["metrics_post"]
+    assert [b["paraphrase_margin"] for b in out["batches"]] == [None]
+    assert out["batches"][0]["generalization"] == pytest.approx(post["generalization"], abs=1e-9)
+    h = results_by_batch.halves(out)
+    assert h["second"]["paraphrase_margin"] is None and h["second"]["paraphrase_prompts"] == 0
+    assert results_by_batch.main([str(path)]) == 0
+
+
 def test_grouping_and_errors(tmp_path, capsys):
     """Records are grouped by index // batch_size; missing prompt kinds stay None; a missing records file is a clear error, not a traceback."""
     recs = []
