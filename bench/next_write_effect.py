@@ -39,7 +39,7 @@ import time
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import torch
 
-from metake_fast.datasets import load_dataset
+from metake_fast.datasets import DatasetError, load_dataset
 from metake_fast.editor import Editor
 from metake_fast.evaluate import evaluate_cases, git_commit
 from metake_fast.targets import optimize_targets
@@ -191,6 +191,15 @@ def main() -> None:
     if any(name.startswith("plain_x") for name in variants):
         p.error("--variant: names starting with plain_x are the --plain-scale rows")
 
+    try:
+        hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip)
+        nxt = load_dataset(args.next_data, args.n, skip=args.next_skip)
+    except DatasetError as exc:
+        p.error(str(exc))
+    for what, cases in (("--history-data", hist), ("--next-data", nxt)):
+        if any(c.dataset != "counterfact" for c in cases):
+            p.error(f"{what}: the margins need CounterFact cases (ZsRE has no true object to compare with)")
+
     t_start = time.perf_counter()
     ed = Editor.from_pretrained(args.model, method="metake", hparams=args.hparams, progress=False)
     hp_run = ed.hparams
@@ -199,8 +208,6 @@ def main() -> None:
         if hp.history_scale != hp_run.history_scale:
             p.error(f"--variant {name}: history_scale changes the solver state; not supported here")
     ed.load_checkpoint(args.checkpoint)
-    hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip)
-    nxt = load_dataset(args.next_data, args.n, skip=args.next_skip)
     res = next_write_effect(
         ed, hist, nxt, hps, log=lambda m: print(m, flush=True), plain_scales=tuple(args.plain_scale)
     )

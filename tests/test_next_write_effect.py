@@ -138,3 +138,24 @@ def test_variant_options(capsys):
         with pytest.raises(SystemExit):
             _common.variant_hparams(p, hp, bad)
         assert "--variant a" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--next-data", "zsre"], "need CounterFact cases"),
+        (["--plain-scale", "-1"], "--plain-scale"),
+        (["--plain-scale", "1.1", "--plain-scale", "1.1"], "--plain-scale"),
+        (["--variant", "plain_x2:gamma=1"], "plain_x"),
+        (["--next-data", "/nonexistent/cf.json"], "/nonexistent/cf.json"),
+    ],
+)
+def test_bad_command_lines_are_usage_errors(monkeypatch, capsys, extra, msg):
+    """Caught before the model is loaded: exit 2 and one line on stderr, no traceback."""
+    argv = ["next_write_effect.py", "--checkpoint", "x.safetensors", "--history-n", "2", "--next-skip", "0"]
+    monkeypatch.setattr(sys, "argv", argv + ["--n", "2"] + extra)
+    monkeypatch.setattr(nwe.Editor, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as e:
+        nwe.main()
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
