@@ -41,22 +41,13 @@ import torch
 
 from metake_fast.datasets import DatasetError, load_dataset
 from metake_fast.editor import Editor
-from metake_fast.evaluate import evaluate_cases, git_commit
+from metake_fast.evaluate import evaluate_cases, git_commit, prompt_log_margins
 from metake_fast.targets import optimize_targets
 
 
 def _lite(cases):
     """The cases with only their rewrite and paraphrase prompts (no neighbourhood: cheaper)."""
     return [dataclasses.replace(c, neighborhood_prompts=[], generation_prompts=[]) for c in cases]
-
-
-def _margins(records) -> list[float]:
-    """Every paraphrase prompt's ``log P(new) − log P(true)``, in record order."""
-    out = []
-    for r in records:
-        for e in r["paraphrase"]:
-            out.append(e["logprob_new"] - e["logprob_true"])
-    return out
 
 
 def _pct(x):
@@ -93,9 +84,9 @@ def next_write_effect(
     def score():
         mh, rh = evaluate_cases(ed.model, tok, hist)
         mn, rn = evaluate_cases(ed.model, tok, nxt)
-        new_m = _margins(rn)
+        new_m = prompt_log_margins(rn)
         mn["paraphrase_margin"] = sum(new_m) / max(len(new_m), 1)
-        return mh, _margins(rh), mn, new_m
+        return mh, prompt_log_margins(rh), mn, new_m
 
     before_h, before_m, before_n, _ = score()
     log(f"before: earlier edits eff {before_h['efficacy']:.1f} gen {before_h['generalization']:.1f}")

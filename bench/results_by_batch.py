@@ -24,7 +24,7 @@ import sys
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 
-from metake_fast.evaluate import record_metrics
+from metake_fast.evaluate import prompt_log_margins, record_metrics
 
 
 def records_path(results_path: str, res: dict) -> str:
@@ -60,12 +60,7 @@ def by_batch(results_path: str) -> dict:
     batches = []
     for b in sorted(posts):
         recs = posts[b]
-        margins = [  # ZsRE records have no P(true): no margin
-            e["logprob_new"] - e["logprob_true"]
-            for r in recs
-            for e in r.get("paraphrase") or []
-            if e.get("logprob_new") is not None and e.get("logprob_true") is not None
-        ]
+        margins = prompt_log_margins(recs)  # empty for ZsRE (no P(true))
         batches.append({
             "batch": b + 1,
             "n": len(recs),

@@ -146,6 +146,17 @@ def record_log_margins(record: dict) -> dict[str, float | None]:
     return _kind_means(record, LOG_MARGIN_KEYS, "logprob_new", "logprob_true")
 
 
+def prompt_log_margins(records: Sequence[dict], kind: str = "paraphrase") -> list[float]:
+    """Every ``kind`` prompt's ``log P(new) − log P(true)`` (nats) over ``records``, in record order;
+    prompts without both log-probabilities (ZsRE records have no P(true)) are left out."""
+    return [
+        float(e["logprob_new"]) - float(e["logprob_true"])
+        for r in records
+        for e in r.get(kind) or []
+        if e.get("logprob_new") is not None and e.get("logprob_true") is not None
+    ]
+
+
 def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [float(x) for x in xs if x is not None]
     return sum(vals) / len(vals) if vals else None

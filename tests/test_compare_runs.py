@@ -107,6 +107,22 @@ def test_log_margin_closed_form():
     assert z == {"efficacy_log_margin": None, "generalization_log_margin": None, "specificity_log_margin": None}
 
 
+def test_prompt_log_margins_closed_form():
+    from metake_fast.evaluate import prompt_log_margins
+
+    recs = [
+        {"paraphrase": [{"logprob_new": -1.0, "logprob_true": -2.0}, {"logprob_new": -3.0}]},
+        {
+            "paraphrase": [{"logprob_new": -3.0, "logprob_true": -1.0}],
+            "neighborhood": [{"logprob_new": -4.0, "logprob_true": -1.5}],
+        },
+        {"rewrite": [{"logprob_new": -0.3}]},  # no paraphrase prompts at all
+    ]
+    assert prompt_log_margins(recs) == [1.0, -2.0]  # in record order; the prompt without P(true) left out
+    assert prompt_log_margins(recs, "neighborhood") == [-2.5]
+    assert prompt_log_margins(recs, "rewrite") == []
+
+
 def test_magnitude_closed_form():
     post = {
         "rewrite": [{"p_new": 0.9, "p_true": 0.1}],
