@@ -73,6 +73,7 @@ __all__ = [
     "METRIC_KEYS",
     "evaluate_cases",
     "generate_greedy",
+    "prompt_log_margins",
     "record_log_margins",
     "record_magnitudes",
     "ngram_entropy",
@@ -117,18 +118,22 @@ LOG_MARGIN_KEYS = {
 }
 
 
+def _prompt_diffs(record: dict, kind: str, new: str, true: str) -> list[float]:
+    """``e[new] − e[true]`` for each ``kind`` prompt of the record that has both values."""
+    return [
+        float(e[new]) - float(e[true])
+        for e in record.get(kind) or []
+        if e.get(new) is not None and e.get(true) is not None
+    ]
+
+
 def _kind_means(record: dict, keys: dict[str, str], new: str, true: str) -> dict[str, float | None]:
     """Per prompt kind, the mean of ``e[new] − e[true]`` over the record's prompts that have both
     (``e[true] − e[new]`` on the neighbourhood); ``None`` for a kind without such prompts."""
     out = {}
     for key, kind in keys.items():
         sign = -1.0 if kind == "neighborhood" else 1.0
-        vals = [
-            sign * (float(e[new]) - float(e[true]))
-            for e in record.get(kind) or []
-            if e.get(new) is not None and e.get(true) is not None
-        ]
-        out[key] = _mean(vals)
+        out[key] = _mean([sign * d for d in _prompt_diffs(record, kind, new, true)])
     return out
 
 
@@ -149,12 +154,7 @@ def record_log_margins(record: dict) -> dict[str, float | None]:
 def prompt_log_margins(records: Sequence[dict], kind: str = "paraphrase") -> list[float]:
     """Every ``kind`` prompt's ``log P(new) − log P(true)`` (nats) over ``records``, in record order;
     prompts without both log-probabilities (ZsRE records have no P(true)) are left out."""
-    return [
-        float(e["logprob_new"]) - float(e["logprob_true"])
-        for r in records
-        for e in r.get(kind) or []
-        if e.get("logprob_new") is not None and e.get("logprob_true") is not None
-    ]
+    return [d for r in records for d in _prompt_diffs(r, kind, "logprob_new", "logprob_true")]
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
