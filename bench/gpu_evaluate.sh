@@ -6,12 +6,15 @@
 #   GPU_EVAL_RUNS="ae:alphaedit: mk:metake: mk_mean:metake:examples/hparams/metake_smollm2_gate_spread_mean.yaml" \
 #   GPU_EVAL_N=1000 GPU_EVAL_B=100 GPU_EVAL_BUDGET=540 bash bench/gpu_evaluate.sh
 #
-# GPU_EVAL_RUNS: space-separated NAME:METHOD:HPARAMS[:DATA[:SEED]] (HPARAMS empty = the shipped
-#   file; DATA default `counterfact`, the dev data; SEED sets `context_template_seed`, for
-#   replicate runs of one method). Every run's hparams get
+# GPU_EVAL_RUNS: space-separated NAME:METHOD:HPARAMS[:DATA[:SEED[:SKIP]]] (HPARAMS empty = the
+#   shipped file; DATA default `counterfact`, the dev data; SEED sets `context_template_seed`, for
+#   replicate runs of one method; SKIP passes `--skip`, the records before the N used, e.g.
+#   `counterfact-10k` with SKIP 2000 for cases 2000-2999). Every run's hparams get
 #   `target_chunk_tokens: GPU_EVAL_CHUNK` (default 8192; the CPU default 1024 only bounds
 #   memory and does not change the optimum). All runs start at once; each is stopped at the
-#   budget, so a run that cannot finish leaves its progress lines.
+#   budget, so a run that cannot finish leaves its progress lines. A run that fails (exit status
+#   other than the budget's 124) stops the whole wave at once, so a broken setup spends little of
+#   a lease (GPU_EVAL_FAIL_FAST=0 lets the others go on).
 # GPU_EVAL_RUNS2: a second wave, started when the first has finished if at least
 #   GPU_EVAL_MIN2 seconds (default 150) of the budget are left.
 # The default model must be loadable: either converted already, or GPU_EVAL_GGUF names the
@@ -62,9 +65,9 @@ PY
 # 2. the runs, all at once, each capped at what is left of the budget
 status=0
 wave() {
-  local pids=() names=() spec name method hp data seed src cfg left rc i
+  local pids=() names=() spec name method hp data seed skip src cfg left rc i pid
   for spec in $1; do
-    IFS=: read -r name method hp data seed <<< "$spec"
+    IFS=: read -r name method hp data seed skip <<< "$spec"
     src="${hp:-metake_fast/hparams/$method/smollm2-135m.yaml}"
     cfg="$DIR/$name.hparams.yaml"
     { cat "$src"; echo; echo "target_chunk_tokens: $CHUNK"; [ -n "$seed" ] && echo "context_template_seed: $seed"; } > "$cfg"
@@ -73,15 +76,25 @@ wave() {
     log "$name: $method with $src on ${data:-counterfact} (cap ${left}s)"
     timeout --kill-after=5 "$left" "$PY" -m metake_fast evaluate --model smollm2-135m --method "$method" \
       --dataset counterfact --data "${data:-counterfact}" --num-edits "$N" --batch-size "$B" --hparams "$cfg" \
-      --device "$DEVICE" --no-progress --out "$DIR/cf_n${N}_b${B}_$name.json" > "$DIR/$name.log" 2>&1 &
+      ${skip:+--skip "$skip"} --device "$DEVICE" --no-progress --out "$DIR/cf_n${N}_b${B}_$name.json" > "$DIR/$name.log" 2>&1 &
     pids+=($!)
     names+=("$name")
   done
-  for i in "${!pids[@]}"; do
+  local left_pids=("${pids[@]}")
+  while (( ${#left_pids[@]} )); do
     rc=0
-    wait "${pids[$i]}" || rc=$?
-    (( rc == 0 )) || status=1
-    echo "${names[$i]} rc=$rc at $((SECONDS))s" | tee -a "$DIR/summary.txt"
+    wait -n -p pid "${left_pids[@]}" || rc=$?
+    for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$pid" ] && name="${names[$i]}"; done
+    local rest=() p
+    for p in "${left_pids[@]}"; do [ "$p" = "$pid" ] || rest+=("$p"); done
+    left_pids=("${rest[@]}")
+    echo "$name rc=$rc at $((SECONDS))s" | tee -a "$DIR/summary.txt"
+    (( rc == 0 )) && continue
+    status=1
+    if (( rc != 124 && rc != 137 )) && [ "${GPU_EVAL_FAIL_FAST:-1}" = 1 ] && (( ${#left_pids[@]} )); then
+      log "$name failed (rc=$rc): stopping the others"; tail -5 "$DIR/$name.log"
+      kill "${left_pids[@]}" 2>/dev/null; wait; return
+    fi
   done
 }
 wave "$RUNS"
