@@ -4,7 +4,7 @@
         [--batch-size B] [--hparams FILE.yaml] [--set KEY=VALUE ...] [--corpus PATH] [--stats-tokens T] \\
         --save-delta OUT.safetensors [--no-progress]
     metake-fast evaluate --model smollm2-135m --method {rome,memit,alphaedit,metake} \\
-        --dataset {counterfact,zsre} --data PATH [--skip K] --num-edits N --batch-size B \\
+        --dataset {counterfact,zsre} --data PATH [--skip K] [--on-conflict {error,skip}] --num-edits N --batch-size B \\
         [--hparams FILE.yaml] [--set KEY=VALUE ...] [--corpus PATH] [--stats-tokens T] --out results.json
 
 ``--set`` changes single hyperparameters on top of the file (or the shipped one), e.g.
@@ -210,6 +210,13 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="leave out the first K records of --data first (held-out slices: --skip 100 --num-edits 100 "
         "is records 100-199; default 0)",
     )
+    p.add_argument(
+        "--on-conflict",
+        default="error",
+        choices=["error", "skip"],
+        help="two cases with the same prompt and subject (CounterFact has some, e.g. twin cities): stop with an "
+        "error before the model loads (default), or skip the later ones and take the next records instead",
+    )
     p.add_argument("--batch-size", type=positive_int, required=True, help="edits per sequential batch")
     p.add_argument("--out", required=True, help="results JSON (records go to <out stem>.records.jsonl)")
     p.add_argument("--records", default=None, help="per-request JSON lines (default: next to --out)")
@@ -249,6 +256,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         fluency=None if args.fluency == "auto" else args.fluency == "on",
         fluency_prompts=args.fluency_prompts, fluency_tokens=args.fluency_tokens, device=args.device,
         dtype=args.dtype, cache=cache, checkpoint=args.checkpoint, hparams_overrides=set_fields, skip=args.skip,
+        on_conflict=args.on_conflict,
     )  # fmt: skip
     t = results["timing"]
     print(

@@ -495,7 +495,45 @@ def _positive(name: str, v) -> int:
 
 
 #: run settings added after the first checkpoints: a checkpoint without one was written with this value
-_CONFIG_DEFAULTS = {"skip": 0}
+_CONFIG_DEFAULTS = {"skip": 0, "on_conflict": "error"}
+
+
+def _select_cases(dataset_path, num_edits: int, skip: int, on_conflict: str):
+    """The run's cases and the case ids left out. ``on_conflict="error"``: the first ``num_edits``
+    cases, and a :class:`~metake_fast.requests.RequestError` (before any model is loaded) when two
+    of them share prompt and subject (a duplicate, or a conflict: another new object for the same
+    fact, which one sequential run cannot hold). ``"skip"``: such later cases are left out and the
+    next records taken instead, so the run still has ``num_edits`` cases."""
+    from .requests import RequestError, validate_requests
+
+    if on_conflict not in ("error", "skip"):
+        raise EvaluationError(f"on_conflict must be 'error' or 'skip', got {on_conflict!r}")
+    if on_conflict == "error":
+        cases = load_dataset(dataset_path, num_edits, skip=skip)  # DatasetError for a bad skip
+        try:
+            validate_requests([c.request for c in cases])
+        except RequestError as e:
+            if e.code not in ("duplicate", "conflict"):
+                raise
+            raise RequestError(
+                e.index,
+                f"{e.problem}; --on-conflict skip leaves out such later cases",
+                field=e.field,
+                other=e.other,
+                code=e.code,
+            ) from None
+        return cases, []
+    cases, dropped, seen = [], [], set()
+    for c in load_dataset(dataset_path, None, skip=skip):
+        if len(cases) == num_edits:
+            break
+        key = (c.request.template(), c.request.subject)
+        if key in seen:
+            dropped.append(c.case_id)
+            continue
+        seen.add(key)
+        cases.append(c)
+    return cases, dropped
 
 
 def _config_differences(saved, run_config: dict, hp) -> list[str]:
@@ -585,6 +623,7 @@ def run_evaluation(
     checkpoint=None,
     hparams_overrides: dict | None = None,
     skip: int = 0,
+    on_conflict: str = "error",
 ) -> dict[str, Any]:
     """The field's protocol on the first ``num_edits`` cases of ``dataset_path``; returns the results dict.
 
@@ -596,7 +635,10 @@ def run_evaluation(
 
     ``hparams``: YAML path, dict or dataclass (None: the shipped file / defaults);
     ``skip``: leave out the first ``skip`` records of the data (held-out slices), then take
-    ``num_edits`` cases. ``hparams_overrides``: fields set on top of it (the CLI's ``--set KEY=VALUE``);
+    ``num_edits`` cases. ``on_conflict``: ``"error"`` (default) stops, before the model loads, when
+    two of those cases share prompt and subject (a duplicate, or two new objects for one fact);
+    ``"skip"`` leaves such later cases out and takes the next records instead (``dropped_conflicts``
+    in the results lists their case ids). ``hparams_overrides``: fields set on top of it (the CLI's ``--set KEY=VALUE``);
     ``stats_tokens`` overrides its ``stats_tokens``. ``dataset``: ``"counterfact"`` / ``"zsre"``
     to check against the file's detected format. ``fluency``: None = on for full-format
     CounterFact. ``out``: write ``results.json`` there and the per-request records (one JSON
@@ -621,7 +663,7 @@ def run_evaluation(
         raise EvaluationError(
             f"--dataset {dataset} does not match {dataset_path}: its records are {detected} ({fmt} format)"
         )
-    cases = load_dataset(dataset_path, num_edits, skip=skip)  # DatasetError for a bad skip
+    cases, dropped = _select_cases(dataset_path, num_edits, skip, on_conflict)
     if len(cases) < num_edits:
         after = f" after the first {skip} records" if skip else ""
         raise EvaluationError(f"{dataset_path} has only {len(cases)} usable cases{after}, {num_edits} requested")
@@ -679,7 +721,7 @@ def run_evaluation(
     run_config = {
         "method": editor.method, "model": str(model_name), "data": str(dataset_path), "num_edits": len(cases),
         "batch_size": batch_size, "dtype": dtype, "fluency": do_fluency, "hparams": to_dict(editor.hparams),
-        "skip": skip,
+        "skip": skip, "on_conflict": on_conflict,
     }  # fmt: skip
     state_path = ckpt_dir / "state.safetensors" if ckpt_dir is not None else None
     if state_path is not None and state_path.exists():  # refuse another run's state before the slow pre-eval
@@ -783,6 +825,8 @@ def run_evaluation(
         "format": fmt,
         "data": str(dataset_path),
         "skip": skip,
+        "on_conflict": on_conflict,
+        "dropped_conflicts": dropped,
         "num_edits": len(cases),
         "batch_size": batch_size,
         "metrics_pre": metrics_pre,

@@ -132,6 +132,37 @@ def test_evaluate_skip_takes_a_held_out_slice(capsys, model_dir, files, tmp_path
     assert rc == 2 and "belongs to another run" in err and "skip: saved 1, now 0" in err
 
 
+def _with_conflict(files):
+    """FLAT with case 1 followed by another new object for case 0's fact (a conflict), then case 2."""
+    twin = {**FLAT[0], "case_id": 7, "target_new": "German"}
+    path = files / "cf_conflict.json"
+    path.write_text(json.dumps([FLAT[0], FLAT[1], twin, FLAT[2]]))
+    return path
+
+
+def test_evaluate_conflict_stops_before_the_model_loads(capsys, files, tmp_path):
+    # the model path does not exist: the conflict must be reported before any loading is tried
+    argv = _evaluate_argv(tmp_path / "no-model", files, tmp_path, **{"--data": _with_conflict(files)})
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "request 2: conflicts with request 0" in err and "--on-conflict skip" in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_evaluate_on_conflict_skip_takes_the_next_record(capsys, model_dir, files, tmp_path):
+    ck = tmp_path / "ck"
+    argv = _evaluate_argv(model_dir, files, tmp_path, **{"--data": _with_conflict(files), "--checkpoint": ck})
+    rc, out, err = run_cli(capsys, *argv + ["--on-conflict", "skip"])
+    assert rc == 0, err
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["num_edits"] == 3 and res["on_conflict"] == "skip" and res["dropped_conflicts"] == [7]
+    recs = [json.loads(ln) for ln in (tmp_path / "results.records.jsonl").read_text().splitlines()]
+    assert [r["case_id"] for r in recs] == [0, 1, 2]
+    # without `--on-conflict skip` the same data stops on the conflict again
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2 and "conflicts with request 0" in err
+
+
 def test_evaluate_checkpoint_resume_and_mismatch(capsys, model_dir, files, tmp_path):
     ck = tmp_path / "ck"
     argv = _evaluate_argv(model_dir, files, tmp_path, **{"--checkpoint": ck})

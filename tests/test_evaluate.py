@@ -392,6 +392,9 @@ def test_checkpoints_from_before_skip_still_match():
     old = {"method": "alphaedit", "num_edits": 4, "hparams": to_dict(hp)}  # written before `skip` existed
     assert _config_differences(old, {**old, "skip": 0}, hp) == []
     assert _config_differences(old, {**old, "skip": 5}, hp) == ["skip: saved 0, now 5"]
+    # nor `on_conflict` (added later; before it, a run with a conflict stopped)
+    assert _config_differences(old, {**old, "on_conflict": "error"}, hp) == []
+    assert _config_differences(old, {**old, "on_conflict": "skip"}, hp) == ["on_conflict: saved 'error', now 'skip'"]
     assert _config_differences({**old, "gone": 1}, old, hp) == ["gone: saved, not a setting of this version"]
 
 
