@@ -14,7 +14,8 @@
 #   memory and does not change the optimum). All runs start at once; each is stopped at the
 #   budget, so a run that cannot finish leaves its progress lines. A run that fails (exit status
 #   other than the budget's 124) stops the whole wave at once, so a broken setup spends little of
-#   a lease (GPU_EVAL_FAIL_FAST=0 lets the others go on).
+#   a lease (GPU_EVAL_FAIL_FAST=0 lets the others go on). GPU_EVAL_ON_CONFLICT=skip passes
+#   `--on-conflict skip` (slices of counterfact-10k other than 0-1999 hold conflicting cases).
 # GPU_EVAL_RUNS2: a second wave, started when the first has finished if at least
 #   GPU_EVAL_MIN2 seconds (default 150) of the budget are left.
 # The default model must be loadable: either converted already, or GPU_EVAL_GGUF names the
@@ -76,7 +77,7 @@ wave() {
     log "$name: $method with $src on ${data:-counterfact} (cap ${left}s)"
     timeout --kill-after=5 "$left" "$PY" -m metake_fast evaluate --model smollm2-135m --method "$method" \
       --dataset counterfact --data "${data:-counterfact}" --num-edits "$N" --batch-size "$B" --hparams "$cfg" \
-      ${skip:+--skip "$skip"} --device "$DEVICE" --no-progress --out "$DIR/cf_n${N}_b${B}_$name.json" > "$DIR/$name.log" 2>&1 &
+      ${skip:+--skip "$skip"} --on-conflict "${GPU_EVAL_ON_CONFLICT:-error}" --device "$DEVICE" --no-progress --out "$DIR/cf_n${N}_b${B}_$name.json" > "$DIR/$name.log" 2>&1 &
     pids+=($!)
     names+=("$name")
   done
