@@ -73,7 +73,7 @@ wave() {
     cfg="$DIR/$name.hparams.yaml"
     { cat "$src"; echo; echo "target_chunk_tokens: $CHUNK"; [ -n "$seed" ] && echo "context_template_seed: $seed"; } > "$cfg"
     left=$((BUDGET - SECONDS - 20))
-    (( left < 30 )) && { log "$name not started (budget spent)"; continue; }
+    (( left < 30 )) && { log "$name not started (budget spent)"; status=1; continue; }
     log "$name: $method with $src on ${data:-counterfact} (cap ${left}s)"
     timeout --kill-after=5 "$left" "$PY" -m metake_fast evaluate --model smollm2-135m --method "$method" \
       --dataset counterfact --data "${data:-counterfact}" --num-edits "$N" --batch-size "$B" --hparams "$cfg" \
