@@ -14,7 +14,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import results_by_batch  # noqa: E402
 
 RES = ROOT / "docs" / "results"
-RUNS = sorted(RES.glob("cf_n1000_b100_*.json")) + sorted((RES / "h200").glob("cf*_n1000_b100_*.json"))
+RUNS = sorted(RES.glob("cf_n1000_b100_*.json")) + [
+    p for d in ("h200", "h200_steps50") for p in sorted((RES / d).glob("cf*_n1000_b100_*.json"))
+]
 
 
 @pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
