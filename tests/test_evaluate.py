@@ -406,3 +406,25 @@ def test_recorded_commit_follows_the_override(monkeypatch):
     real = git_commit()
     monkeypatch.setenv("METAKE_FAST_COMMIT", "abc1234")
     assert git_commit() == "abc1234" != real
+
+
+def test_select_cases_on_a_shipped_slice_with_a_conflict():
+    """counterfact-10k records 3000-3999 hold two new objects for Warsaw's twin city: "error" names
+    the pair, "skip" keeps 1,000 cases with distinct (prompt, subject), the later twin left out."""
+    from metake_fast.evaluate import EvaluationError, _select_cases
+    from metake_fast.requests import RequestError
+
+    with pytest.raises(RequestError, match="conflicts with request .*Warsaw.*--on-conflict skip") as e:
+        _select_cases("counterfact-10k", 1000, 3000, "error")
+    assert e.value.code == "conflict"
+    cases, dropped = _select_cases("counterfact-10k", 1000, 3000, "skip")
+    keys = [(c.request.template(), c.request.subject) for c in cases]
+    assert len(cases) == 1000 and len(set(keys)) == 1000
+    plain = load_dataset("counterfact-10k", 1000 + len(dropped), skip=3000)
+    assert [c.case_id for c in plain if c.case_id not in dropped] == [c.case_id for c in cases]
+    for cid in dropped:  # each left-out case repeats the key of a kept case before it
+        d = next(c for c in plain if c.case_id == cid)
+        assert (d.request.template(), d.request.subject) in keys[: plain.index(d)]
+    assert _select_cases("counterfact-10k", 1000, 5000, "skip")[1] == []  # a slice without conflicts
+    with pytest.raises(EvaluationError, match="on_conflict"):
+        _select_cases("counterfact-10k", 10, 0, "drop")
