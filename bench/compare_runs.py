@@ -30,7 +30,7 @@ import sys
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
 import numpy as np
-from results_by_batch import open_records, records_path
+from results_by_batch import load_run
 
 from metake_fast.evaluate import LOG_MARGIN_KEYS, MAGNITUDE_KEYS, record_log_margins, record_magnitudes
 
@@ -47,21 +47,18 @@ def metric_label(m: str) -> str:
 
 def load_cases(results_path: str) -> dict:
     """``{"label", "case_ids", "post": {metric: [value or None per case]}}`` of one run."""
-    with open(results_path) as f:
-        res = json.load(f)
+    res, records = load_run(results_path)
     ids, post = [], {m: [] for m in ALL_METRICS}
-    with open_records(records_path(results_path, res)) as f:
-        for line in f:
-            r = json.loads(line)
-            ids.append(r.get("case_id", r["index"]))
-            for m in METRICS:
-                v = r["post"].get(m)
-                post[m].append(None if v is None else float(v))
-            # computed again from the prompts: records written before the magnitudes existed lack them
-            for m, v in record_magnitudes(r["post"]).items():
-                post[m].append(v)
-            for m, v in record_log_margins(r["post"]).items():
-                post[m].append(v)
+    for r in records:
+        ids.append(r.get("case_id", r["index"]))
+        for m in METRICS:
+            v = r["post"].get(m)
+            post[m].append(None if v is None else float(v))
+        # computed again from the prompts: records written before the magnitudes existed lack them
+        for m, v in record_magnitudes(r["post"]).items():
+            post[m].append(v)
+        for m, v in record_log_margins(r["post"]).items():
+            post[m].append(v)
     name = os.path.splitext(os.path.basename(results_path))[0]
     label = name + (f" ({res['commit']})" if res.get("commit") else "")
     return {"label": label, "results": results_path, "case_ids": ids, "post": post}

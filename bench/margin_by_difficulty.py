@@ -23,23 +23,16 @@ import json
 import sys
 
 import _common  # noqa: F401,I001  (puts the repository on sys.path)
-from results_by_batch import open_records, records_path
+from results_by_batch import load_run
 
 from metake_fast.evaluate import prompt_log_margins
 
 DEFAULT_EDGES = (-6.0, -4.0, -2.0, 0.0)
 
 
-def _records(results_path: str) -> list[dict]:
-    with open(results_path) as f:
-        res = json.load(f)
-    with open_records(records_path(results_path, res)) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def pair_margins(base_path: str, other_path: str, kind: str = "paraphrase") -> list[tuple[float, float, float]]:
     """``(pre, base, other)`` margins of every ``kind`` prompt of a pair of runs, in record order."""
-    base, other = _records(base_path), _records(other_path)
+    base, other = load_run(base_path)[1], load_run(other_path)[1]
     if len(base) != len(other):
         raise ValueError(f"{base_path} and {other_path} have {len(base)} and {len(other)} records: not one case set")
     for i, (a, b) in enumerate(zip(base, other)):

@@ -44,19 +44,24 @@ def open_records(path: str):
     return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
 
 
-def by_batch(results_path: str) -> dict:
-    """Per-batch sums of one run: ``{"label", "batch_size", "batches": [{...}, ...], "overall"}``."""
+def load_run(results_path: str) -> tuple[dict, list[dict]]:
+    """A run's results dict and its per-request records (one dict per line of the records file)."""
     with open(results_path) as f:
         res = json.load(f)
+    with open_records(records_path(results_path, res)) as f:
+        return res, [json.loads(line) for line in f if line.strip()]
+
+
+def by_batch(results_path: str) -> dict:
+    """Per-batch sums of one run: ``{"label", "batch_size", "batches": [{...}, ...], "overall"}``."""
+    res, records = load_run(results_path)
     bsz = int(res["batch_size"])
     posts: dict[int, list[dict]] = {}
     plain: dict[int, int] = {}
-    with open_records(records_path(results_path, res)) as f:
-        for line in f:
-            r = json.loads(line)
-            b = int(r["index"]) // bsz
-            posts.setdefault(b, []).append(r["post"])
-            plain[b] = plain.get(b, 0) + int(bool((r.get("edit") or {}).get("fallback")))
+    for r in records:
+        b = int(r["index"]) // bsz
+        posts.setdefault(b, []).append(r["post"])
+        plain[b] = plain.get(b, 0) + int(bool((r.get("edit") or {}).get("fallback")))
     batches = []
     for b in sorted(posts):
         recs = posts[b]

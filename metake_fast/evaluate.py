@@ -504,7 +504,7 @@ def _select_cases(dataset_path, num_edits: int, skip: int, on_conflict: str):
     of them share prompt and subject (a duplicate, or a conflict: another new object for the same
     fact, which one sequential run cannot hold). ``"skip"``: such later cases are left out and the
     next records taken instead, so the run still has ``num_edits`` cases."""
-    from .requests import RequestError, validate_requests
+    from .requests import RequestError, fact_key, validate_requests
 
     if on_conflict not in ("error", "skip"):
         raise EvaluationError(f"on_conflict must be 'error' or 'skip', got {on_conflict!r}")
@@ -527,7 +527,7 @@ def _select_cases(dataset_path, num_edits: int, skip: int, on_conflict: str):
     for c in load_dataset(dataset_path, None, skip=skip):
         if len(cases) == num_edits:
             break
-        key = (c.request.template(), c.request.subject)
+        key = fact_key(c.request)
         if key in seen:
             dropped.append(c.case_id)
             continue

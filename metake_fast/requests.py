@@ -32,6 +32,7 @@ __all__ = [
     "EditRequest",
     "RequestError",
     "check_request",
+    "fact_key",
     "from_easyedit",
     "validate_requests",
 ]
@@ -273,6 +274,12 @@ def check_request(
     return out
 
 
+def fact_key(req: EditRequest) -> tuple[str, str]:
+    """What two requests must not share in one edit (a duplicate, or two new objects for one
+    fact): the prompt template and the subject."""
+    return (req.template(), req.subject)
+
+
 def validate_requests(
     requests: Iterable[Any],
     tokenizer: Any = None,
@@ -320,7 +327,7 @@ def validate_requests(
     dropped: list[int] = []
     for i, item in enumerate(items):
         req = check_request(item, i, tokenizer, max_prompt_tokens=max_prompt_tokens)
-        key = (req.template(), req.subject)
+        key = fact_key(req)
         if key in seen:
             j, target = seen[key]
             if on_duplicate == "drop":

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import compare_runs  # noqa: E402
+from results_by_batch import open_records, records_path  # noqa: E402
 
 RES = ROOT / "docs" / "results"
 # (baseline, run) on the same cases: the CPU runs, and the H200 runs on the dev and held-out slices
@@ -48,7 +49,7 @@ def test_magnitudes_against_the_records_probabilities(base_path, path):
     # (exp(logprob), not the records' p fields), paired over the cases.
     def per_case(p):
         out = {k: [] for k in compare_runs.MAGNITUDE_KEYS}
-        with compare_runs.open_records(compare_runs.records_path(str(p), json.loads(p.read_text()))) as f:
+        with open_records(records_path(str(p), json.loads(p.read_text()))) as f:
             lines = f.read().splitlines()
         for line in lines:
             post = json.loads(line)["post"]
@@ -74,7 +75,7 @@ def test_log_margins_against_the_records(base_path, path):
     """The log-margin rows are the paired mean of each case's mean ``log P(new) − log P(true)``, in nats."""
 
     def per_case(p):
-        with compare_runs.open_records(compare_runs.records_path(str(p), json.loads(p.read_text()))) as f:
+        with open_records(records_path(str(p), json.loads(p.read_text()))) as f:
             posts = [json.loads(line)["post"] for line in f.read().splitlines()]
         out = {}
         for k, field, sign in (("efficacy", "rewrite", 1), ("generalization", "paraphrase", 1),

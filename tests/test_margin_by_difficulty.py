@@ -72,7 +72,7 @@ def test_real_pair_adds_up_to_the_runs(tmp_path):
     triples = mbd.pair_margins(*PAIR)
     rows = mbd.binned(triples)
     n = sum(r["prompts"] for r in rows)
-    recs = [mbd._records(p) for p in PAIR]
+    recs = [mbd.load_run(p)[1] for p in PAIR]
     base_m, other_m = (prompt_log_margins([r["post"] for r in rr]) for rr in recs)
     assert n == len(base_m) == len(other_m) == len(triples)
     diff = sum(r["diff"] * r["prompts"] for r in rows if r["prompts"]) / n
