@@ -65,3 +65,11 @@ def context_templates(
             out.append([p.replace("{", " ").replace("}", " ").strip() + ". {}" for p in prefixes])
         per_model[key] = out
     return per_model[key]
+
+
+def with_extra_groups(model, tok, templates: list[list[str]], groups: list[list[int]], seed: int) -> list[list[str]]:
+    """``templates`` followed by the prefix groups ``groups`` (``[[length, count], ...]``) sampled
+    from ``seed``: the upper level's extra contexts (``outer_extra_templates``). The originals keep
+    their places, so a prompt's flattened index among ``templates`` is the same in the result."""
+    extra = context_templates(model, tok, seed=seed, groups=groups)[1:] if groups else []
+    return [*templates, *extra]

@@ -151,6 +151,14 @@ class MetaKEHParams(AlphaEditHParams):
         targets' write from the same state and keep the write with more successes over all edits
         so far (the refined one on a tie). ``safeguard_history_max`` caps the earlier edits scored
         (evenly spaced; 0 = all): each check costs two scoring passes over them.
+    outer_extra_templates: ``[[length, count], ...]`` groups of context prefixes that the upper
+        level's objective F scores *in addition to* the target loop's templates (not in METHOD.md;
+        empty, the default, leaves F as written). They are sampled from the model like the
+        others, from seed ``context_template_seed + 1``, so they are
+        different prefixes; the write's keys stay the target loop's. With ``gate_keys: instance``
+        each extra prompt sees the share the write realises on its own key: F then asks the
+        refined targets to hold in contexts the lower level never optimised for, which is what
+        a paraphrase prompt is.
     """
 
     outer_steps: int = 10
@@ -169,6 +177,7 @@ class MetaKEHParams(AlphaEditHParams):
     history_weight: float = 0.0
     safeguard_history: bool = False
     safeguard_history_max: int = 1000
+    outer_extra_templates: list[list[int]] = field(default_factory=list)
     method = "metake"
 
 
@@ -364,6 +373,8 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
         if bad:
             raise HParamsError(f"hparams field 'layers': {bad} out of range for a model with {num_layers} layers")
     _coerce_pairs("context_template_length_params", hp.context_template_length_params)
+    if hasattr(hp, "outer_extra_templates"):
+        _coerce_pairs("outer_extra_templates", hp.outer_extra_templates)
     if getattr(hp, "gate_keys", "mean") == "instance" and getattr(hp, "gate_layers", "last") == "product":
         raise HParamsError("hparams field 'gate_keys': 'instance' needs gate_layers 'last' or 'spread', not 'product'")
     if getattr(hp, "history_weight", 0.0) > 0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":

@@ -33,6 +33,13 @@ the keys of every earlier edit of a sequential run, in closed form from AlphaEdi
 (:meth:`~metake_fast.solvers.NullSpaceSolver.history_gram`); F as written optimises the
 current batch only, and its larger residuals were measured to disturb earlier edits more.
 
+Optional (``outer_extra_templates``; not in METHOD.md): F also scores the new object after
+extra context prefixes (other samples than the target loop's, see
+:func:`metake_fast.context.with_extra_groups`). The write is unchanged: its keys are the target
+loop's mean keys, and with ``gate_keys: instance`` each extra prompt sees the share the write
+realises on its own key. F then asks the refined targets to hold in contexts the lower level
+never fitted, as a paraphrase prompt's are.
+
 Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
 ``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same times ``1 − g_ii``,
 so the penalty is strongest where the solver truncates most and a large
@@ -59,6 +66,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .context import with_extra_groups
 from .keys import keys_and_residual
 from .solvers import CovarianceSolver
 from .targets import ChunkProblem, MaskedAdam, TargetResult, _chunks, clamp_rows_
@@ -78,21 +86,25 @@ def _flat_weights(templates) -> torch.Tensor:
     return torch.tensor([1.0 / (len(templates) * len(group)) for group in templates for _ in group])
 
 
-def _layer_gates(editor, reqs, templates, per_instance: bool):
+def _layer_gates(editor, reqs, templates, per_instance: bool, scored=None):
     """Per gate layer: ``(G_l, Γ_l)``; ``Γ_l = Y_lᵀ K_inst`` (u, u·n) realises the write on every
-    prompt's own key (``per_instance``), else None. ``Y_l`` is the solve for the mean keys."""
+    prompt's own key (``per_instance``), else None. ``Y_l`` is the solve for the mean keys over
+    ``templates`` (the write's); ``scored`` (default ``templates``) are the prompts Γ has columns
+    for, ``templates`` followed by any extra groups (:func:`metake_fast.context.with_extra_groups`)."""
     hp = editor.hparams
+    scored = templates if scored is None else scored
     layers = editor.layers if hp.gate_layers in ("product", "spread") else editor.layers[-1:]
     out = []
     u = len(reqs)
+    n_own = sum(len(g) for g in templates)
     for layer in layers:
         if per_instance:
             Ki, _ = keys_and_residual(
-                editor.model, editor.tok, editor.adapter, reqs, layer, None, templates, per_instance=True
+                editor.model, editor.tok, editor.adapter, reqs, layer, None, scored, per_instance=True
             )
             n = Ki.shape[1] // max(u, 1)
             w = _flat_weights(templates).to(Ki)
-            K = (Ki.reshape(Ki.shape[0], u, n) * w).sum(-1)
+            K = (Ki.reshape(Ki.shape[0], u, n)[:, :, :n_own] * w).sum(-1)
             Y, G = solver_solve(editor._solvers[layer], K)
             out.append((G.float().cpu(), (Y.float().T @ Ki.to(Y.device).float()).cpu()))
         else:
@@ -102,19 +114,19 @@ def _layer_gates(editor, reqs, templates, per_instance: bool):
     return out
 
 
-def structural_gate(editor, reqs, templates, per_instance: bool | None = None):
+def structural_gate(editor, reqs, templates, per_instance: bool | None = None, scored=None):
     """The gate used by the proxy (see the module docstring), on the model as it is now.
 
     Returns ``G`` (u, u). With ``per_instance`` (default: ``hparams.gate_keys == "instance"``)
     returns ``(G, Γ)``: ``Γ`` (u, u·n) has one column per (request, flattened template) prompt,
     request-major, the share of each planned residual the write realises on that prompt's own
-    key. ``spread`` composes it like ``G``: ``Γ = Σ_j P_j Γ_j / (m−j)``,
+    key; ``scored`` (default ``templates``) names those prompts when F scores extra ones. ``spread`` composes it like ``G``: ``Γ = Σ_j P_j Γ_j / (m−j)``,
     ``P_j = Π_{i<j} (I − G_i/(m−i))``, which is ``G``'s columns when every prompt has the mean key.
     """
     hp = editor.hparams
     if per_instance is None:
         per_instance = hp.gate_keys == "instance"
-    parts = _layer_gates(editor, reqs, templates, per_instance)
+    parts = _layer_gates(editor, reqs, templates, per_instance, scored)
     gates = [g for g, _ in parts]
     u = gates[0].shape[0]
     eye = torch.eye(u)
@@ -172,7 +184,11 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     model, tok, adapter = editor.model, editor.tok, editor.adapter
     L = editor.layers[-1]
     per_instance = hp.gate_keys == "instance"
-    G = structural_gate(editor, reqs, templates)  # (u, u) on CPU; with per_instance (G, Γ)
+    extra = getattr(hp, "outer_extra_templates", [])
+    scored = (
+        with_extra_groups(model, tok, templates, extra, hp.context_template_seed + 1) if extra else templates
+    )  # the prompts F scores: the target loop's, then any extra contexts
+    G = structural_gate(editor, reqs, templates, scored=scored)  # (u, u) on CPU; with per_instance (G, Γ)
     Gam = None
     if per_instance:
         G, Gam = G
@@ -185,13 +201,13 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     if hp.outer_steps == 0 or u == 0:
         return (tres.h + R).T
     cfg = editor._target_config()
-    if tres.problems is not None:  # the target loop's chunks, built on this same unedited model
+    if tres.problems is not None and scored is templates:  # the target loop's chunks, on this same model
         chunks = [idx for idx, _ in tres.problems]
         problems = [prob for _, prob in tres.problems]
     else:
-        chunks = _chunks(tok, reqs, templates, cfg.chunk_tokens, cfg.prefix_cache)
+        chunks = _chunks(tok, reqs, scored, cfg.chunk_tokens, cfg.prefix_cache)
         problems = [
-            ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, templates, cfg.prefix_cache) for idx in chunks
+            ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, scored, cfg.prefix_cache) for idx in chunks
         ]
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
     Gam = None if Gam is None else Gam.to(dev).reshape(u, u, -1)  # (u, u, n): request, prompt's request, prompt

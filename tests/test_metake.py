@@ -551,3 +551,77 @@ def test_editor_edits_with_the_instance_gate(setup):
     ed.restore()
     for layer in ed.layers:
         assert torch.equal(ed.adapter.edit_weight(model, layer).detach(), W0[layer])
+
+
+# --------------------------------------------------------------------------- extra contexts in F (outer_extra_templates)
+
+
+def test_extra_templates_keep_the_write_gate_and_add_columns_on_their_own_keys(setup):
+    """F's extra contexts do not change what is written: G and the own prompts' Γ columns are the
+    same as without them; each extra prompt's column is Yᵀ k_t on its own key, Y the mean-key solve."""
+    from metake_fast.context import with_extra_groups
+    from metake_fast.keys import keys_and_residual
+
+    model, tok = setup
+    ed = _editor(model, tok, L2=0.5, nullspace_threshold=1e-3, layers=[2], gate_layers="last")
+    tpl = ed._templates()
+    scored = with_extra_groups(model, tok, tpl, [[4, 2]], seed=1)
+    assert scored[: len(tpl)] == tpl and len(scored) == len(tpl) + 1 and len(scored[-1]) == 2
+    assert not set(scored[-1]) & set(tpl[-1])  # other prefixes than the target loop's
+    G0, Gam0 = structural_gate(ed, REQS, tpl, per_instance=True)
+    G, Gam = structural_gate(ed, REQS, tpl, per_instance=True, scored=scored)
+    u = len(REQS)
+    n0, n = Gam0.shape[1] // u, Gam.shape[1] // u
+    assert n == n0 + 2
+    assert torch.allclose(G, G0, atol=1e-6)
+    assert torch.allclose(Gam.reshape(u, u, n)[..., :n0], Gam0.reshape(u, u, n0), atol=1e-6)
+    L = ed.layers[-1]
+    K, _ = keys_and_residual(model, tok, ed.adapter, REQS, L, None, tpl)
+    Ki, _ = keys_and_residual(model, tok, ed.adapter, REQS, L, None, scored, per_instance=True)
+    Y, _ = ed._solvers[L].solve(K)
+    assert torch.allclose(Gam, (Y.double().T @ Ki.double()).float(), atol=1e-4)
+
+
+def test_extra_templates_enter_the_outer_objective_only(setup, monkeypatch):
+    """With extra contexts the outer loop scores them (its chunk problems hold the extra prompts),
+    its result differs from F without them, and is the same however the requests are chunked."""
+    import metake_fast.metake as mk
+
+    model, tok = setup
+    common = dict(L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
+    ed0 = _editor(model, tok, **common)
+    tpl = ed0._templates()
+    tres = optimize_targets(model, tok, ed0.adapter, REQS, ed0.layers[-1], tpl, ed0._target_config(), progress=False)
+    Z0 = refine_targets(ed0, REQS, tpl, tres, {})
+    seen = []
+    real = mk.ChunkProblem
+
+    def spy(*args, **kw):
+        seen.append(args[5])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mk, "ChunkProblem", spy)
+    Z = {}
+    for chunk_tokens in (1, 100_000):
+        ed = _editor(model, tok, **common, outer_extra_templates=[[4, 2]], target_chunk_tokens=chunk_tokens)
+        Z[chunk_tokens] = refine_targets(ed, REQS, tpl, tres, {})
+    assert seen and all(len(t) == len(tpl) + 1 and t[: len(tpl)] == tpl for t in seen)
+    assert len(seen) == len(REQS) + 1  # one problem per request, then one for all
+    assert torch.allclose(Z[1], Z[100_000], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(Z[1], Z0, atol=1e-4)
+    ed = _editor(model, tok, **common, outer_extra_templates=[[4, 2]], outer_steps=0)
+    assert torch.equal(refine_targets(ed, REQS, tpl, tres, {}), (tres.h + tres.delta).T)
+
+
+def test_extra_templates_are_validated():
+    from metake_fast.hparams import HParamsError, make_hparams
+
+    assert make_hparams("metake", {"outer_extra_templates": [[10, 5], [20, 5]]}).outer_extra_templates == [
+        [10, 5],
+        [20, 5],
+    ]
+    for bad in ([10, 5], [[10, -1]], [[10]], "10x5"):
+        with pytest.raises(HParamsError, match="outer_extra_templates"):
+            make_hparams("metake", {"outer_extra_templates": bad})
+    with pytest.raises(HParamsError, match="outer_extra_templates"):
+        make_hparams("alphaedit", {"outer_extra_templates": [[10, 5]]})
