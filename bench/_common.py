@@ -53,6 +53,19 @@ def git_commit() -> str:
     return commit() or "unknown"
 
 
+def _split_top(spec: str) -> list[str]:
+    """``spec`` split at the commas outside brackets (``a=1,b=[[10,5]]`` -> two fields)."""
+    out, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
 def parse_variants(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict]:
     """``--variant NAME:field=value,...`` options -> {name: {field: value}}, each value read as
     ``--set`` reads it (YAML, ``1e-2`` a number); bad syntax is ``p.error``."""
@@ -62,7 +75,7 @@ def parse_variants(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, di
     for v in specs:
         name, _, spec = v.partition(":")
         try:
-            fields = parse_overrides([kv for kv in spec.split(",") if kv], flag="--variant")
+            fields = parse_overrides([kv for kv in _split_top(spec) if kv], flag="--variant")
         except HParamsError as exc:
             p.error(f"--variant {v!r}: expected NAME:field=value,... ({exc})")
         if not name or name in ("plain", "metake") or name in variants:

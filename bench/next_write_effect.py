@@ -56,6 +56,8 @@ def _pct(x):
 
 def _mean_ci(d: list[float]) -> tuple[float, float]:
     n = len(d)
+    if n == 0:  # no earlier edits (a write from the unedited model)
+        return math.nan, math.nan
     m = sum(d) / n
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(n - 1, 1))
     return m, 1.96 * sd / math.sqrt(n)
@@ -82,7 +84,9 @@ def next_write_effect(
     hp_run = ed.hparams
 
     def score():
-        mh, rh = evaluate_cases(ed.model, tok, hist)
+        mh, rh = (
+            evaluate_cases(ed.model, tok, hist) if hist else ({"efficacy": math.nan, "generalization": math.nan}, [])
+        )
         mn, rn = evaluate_cases(ed.model, tok, nxt)
         new_m = prompt_log_margins(rn)
         mn["paraphrase_margin"] = sum(new_m) / max(len(new_m), 1)
@@ -158,7 +162,10 @@ def next_write_effect(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="state.safetensors of a MetaKE evaluate run")
+    p.add_argument(
+        "--checkpoint", default=None,
+        help="state.safetensors of a MetaKE evaluate run (leave out with --history-n 0: the unedited model)",
+    )  # fmt: skip
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--hparams", default=None, help="the run's hparams file (default: the shipped one)")
     p.add_argument("--history-data", default="counterfact", help="the run's data (its first --history-n cases)")
@@ -175,6 +182,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     variants = _common.parse_variants(p, args.variant)
+    if (args.checkpoint is None) != (args.history_n == 0):
+        p.error("--checkpoint is the state after --history-n edits: give both, or neither with --history-n 0")
     if any(not math.isfinite(s) or s < 0 for s in args.plain_scale) or len(set(args.plain_scale)) < len(
         args.plain_scale
     ):
@@ -183,7 +192,7 @@ def main() -> None:
         p.error("--variant: names starting with plain_x are the --plain-scale rows")
 
     try:
-        hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip)
+        hist = load_dataset(args.history_data, args.history_n, skip=args.history_skip) if args.history_n else []
         nxt = load_dataset(args.next_data, args.n, skip=args.next_skip)
     except DatasetError as exc:
         p.error(str(exc))
@@ -198,7 +207,8 @@ def main() -> None:
     for name, hp in hps.items():
         if hp.history_scale != hp_run.history_scale:
             p.error(f"--variant {name}: history_scale changes the solver state; not supported here")
-    ed.load_checkpoint(args.checkpoint)
+    if args.checkpoint is not None:
+        ed.load_checkpoint(args.checkpoint)
     res = next_write_effect(
         ed, hist, nxt, hps, log=lambda m: print(m, flush=True), plain_scales=tuple(args.plain_scale)
     )

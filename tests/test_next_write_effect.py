@@ -130,6 +130,9 @@ def test_variant_options(capsys):
         hps["eta30"].history_weight == 30 and hps["eta30"].gamma == 0.01
     )  # as the hparams files read it and hps["eta30"].outer_lr == hp.outer_lr
     assert hps["o0"].outer_steps == 0 and hp.outer_steps == 10
+    got = _common.parse_variants(p, ["x:outer_extra_templates=[[10,5],[20,5]],gamma=0.1"])
+    assert got == {"x": {"outer_extra_templates": [[10, 5], [20, 5]], "gamma": 0.1}}  # commas in brackets kept
+    assert _common.variant_hparams(p, hp, got)["x"].outer_extra_templates == [[10, 5], [20, 5]]
     for bad in (["x:steps"], ["x:gamma="], ["plain:gamma=1"], ["a:gamma=1", "a:gamma=2"], [":gamma=1"]):
         with pytest.raises(SystemExit) as e:
             _common.parse_variants(p, bad)
@@ -140,9 +143,27 @@ def test_variant_options(capsys):
         assert "--variant a" in capsys.readouterr().err
 
 
+def test_write_from_the_unedited_model():
+    """No earlier edits (``--history-n 0``, no checkpoint): the new batch is scored as before, the
+    earlier-edit columns are empty (NaN), and the plain row is the editor's own first edit."""
+    ed = _editor(safeguard=False)
+    res = nwe.next_write_effect(ed, [], NEXT, {"metake": ed.hparams})
+    rows = res["writes"]
+    assert res["before_margins"] == [] and res["margins"]["plain"] == []
+    assert all(v != v for v in (rows["metake"]["earlier_margin_vs_plain"], rows["plain"]["earlier_efficacy"]))
+    ed.hparams = dataclasses.replace(ed.hparams, outer_steps=0)
+    ed.edit([c.request for c in NEXT], batch_size=2)
+    m_next, recs = evaluate_cases(ed.model, ed.tok, NEXT)
+    assert rows["plain"]["new_generalization"] == pytest.approx(m_next["generalization"])
+    new_m = [e["logprob_new"] - e["logprob_true"] for r in recs for e in r["paraphrase"]]
+    assert res["new_margins"]["plain"] == pytest.approx(new_m, abs=1e-4)
+    assert rows["metake"]["new_margin_vs_plain"] != 0.0
+
+
 @pytest.mark.parametrize(
     "extra,msg",
     [
+        (["--history-n", "0"], "--checkpoint"),
         (["--next-data", "zsre"], "need CounterFact cases"),
         (["--plain-scale", "-1"], "--plain-scale"),
         (["--plain-scale", "1.1", "--plain-scale", "1.1"], "--plain-scale"),
