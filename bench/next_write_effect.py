@@ -160,12 +160,32 @@ def next_write_effect(
     }  # fmt: skip
 
 
+def build_history(ed: Editor, hist_cases, batch_size: int, hp_hist) -> None:
+    """Edit ``hist_cases`` in sequential batches with ``hp_hist`` (the earlier edits, made in this
+    process instead of loaded from a checkpoint); the editor's hyperparameters are restored after."""
+    hp_run = ed.hparams
+    ed.hparams = hp_hist
+    try:
+        ed.edit([c.request for c in hist_cases], batch_size=batch_size)
+    finally:
+        ed.hparams = hp_run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--checkpoint", default=None,
-        help="state.safetensors of a MetaKE evaluate run (leave out with --history-n 0: the unedited model)",
+        help="state.safetensors of a MetaKE evaluate run after its --history-n edits; without it the "
+        "earlier edits are made here first (none with --history-n 0: a write from the unedited model)",
     )  # fmt: skip
+    p.add_argument(
+        "--history-set", action="append", default=[], metavar="FIELD=VALUE",
+        help="without --checkpoint: hparams changed for making the earlier edits (e.g. v_num_grad_steps=10 "
+        "or outer_steps=0 to make them faster); the next batch's writes use --hparams as given",
+    )  # fmt: skip
+    p.add_argument(
+        "--history-batch", type=int, default=100, help="without --checkpoint: batch size of the earlier edits"
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--hparams", default=None, help="the run's hparams file (default: the shipped one)")
     p.add_argument("--history-data", default="counterfact", help="the run's data (its first --history-n cases)")
@@ -182,8 +202,11 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     variants = _common.parse_variants(p, args.variant)
-    if (args.checkpoint is None) != (args.history_n == 0):
-        p.error("--checkpoint is the state after --history-n edits: give both, or neither with --history-n 0")
+    if args.history_n < 0 or args.history_batch < 1:
+        p.error("--history-n must be >= 0 and --history-batch >= 1")
+    if args.checkpoint is not None and (args.history_n == 0 or args.history_set):
+        p.error("--checkpoint is the state after --history-n > 0 edits (and --history-set is for making them here)")
+    hist_fields = _common.parse_variants(p, [f"history:{','.join(args.history_set)}"])["history"]
     if any(not math.isfinite(s) or s < 0 for s in args.plain_scale) or len(set(args.plain_scale)) < len(
         args.plain_scale
     ):
@@ -209,6 +232,10 @@ def main() -> None:
             p.error(f"--variant {name}: history_scale changes the solver state; not supported here")
     if args.checkpoint is not None:
         ed.load_checkpoint(args.checkpoint)
+    elif hist:
+        hp_hist = _common.variant_hparams(p, hp_run, {"history": hist_fields})["history"]
+        print(f"making the {len(hist)} earlier edits (batches of {args.history_batch})", flush=True)
+        build_history(ed, hist, args.history_batch, hp_hist)
     res = next_write_effect(
         ed, hist, nxt, hps, log=lambda m: print(m, flush=True), plain_scales=tuple(args.plain_scale)
     )
@@ -244,7 +271,14 @@ def main() -> None:
     out = {
         "checkpoint": args.checkpoint,
         "hparams": args.hparams,
-        "history": {"data": args.history_data, "skip": args.history_skip, "n": args.history_n},
+        "history": {
+            "data": args.history_data,
+            "skip": args.history_skip,
+            "n": args.history_n,
+            "made_here": args.checkpoint is None and args.history_n > 0,
+            "set": hist_fields,
+            "batch_size": args.history_batch,
+        },  # fmt: skip
         "next": {"data": args.next_data, "skip": args.next_skip, "n": args.n},
         "variants": variants,
         "plain_scales": args.plain_scale,

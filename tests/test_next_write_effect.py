@@ -160,10 +160,25 @@ def test_write_from_the_unedited_model():
     assert rows["metake"]["new_margin_vs_plain"] != 0.0
 
 
+def test_history_made_in_process_is_the_editors_own_edit():
+    """Without a checkpoint the earlier edits are made here with ``--history-set``'s settings: the
+    same weights as an editor built with those settings editing them, and the run's settings back after."""
+    ed = _editor(safeguard=False)
+    hp_run = ed.hparams
+    nwe.build_history(ed, HIST, 1, dataclasses.replace(hp_run, outer_steps=0, v_num_grad_steps=2))
+    assert ed.hparams is hp_run and len(ed.history) == len(HIST)
+    ref = _editor(safeguard=False, outer_steps=0, v_num_grad_steps=2)
+    ref.edit([c.request for c in HIST], batch_size=1)
+    for layer in ed.layers:
+        assert torch.equal(ed.adapter.edit_weight(ed.model, layer), ref.adapter.edit_weight(ref.model, layer))
+
+
 @pytest.mark.parametrize(
     "extra,msg",
     [
         (["--history-n", "0"], "--checkpoint"),
+        (["--history-set", "outer_steps=0"], "--history-set"),
+        (["--history-batch", "0"], "--history-batch"),
         (["--next-data", "zsre"], "need CounterFact cases"),
         (["--plain-scale", "-1"], "--plain-scale"),
         (["--plain-scale", "1.1", "--plain-scale", "1.1"], "--plain-scale"),
