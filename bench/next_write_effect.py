@@ -288,6 +288,7 @@ def main() -> None:
             "new": {k: before_n[k] for k in ("efficacy", "generalization", "specificity", "paraphrase_margin")},
         },
         "writes": rows,
+        "new_margins": res["new_margins"],  # per paraphrase prompt of the new batch, per write (pair any two)
         "targets_s": res["targets_s"],
         "seconds": time.perf_counter() - t_start,
         "device": str(next(ed.model.parameters()).device),
