@@ -23,6 +23,10 @@ margin ``log P(new) − log P(true)`` against the state before the write (paired
 prompts, so small differences between writes are visible). Each write other than ``plain`` is
 also paired with ``plain``: on the earlier edits' margins and on the new batch's paraphrase margins.
 
+Without ``--checkpoint`` the earlier edits are made first, in this process, with the run's
+hyperparameters changed by ``--history-set`` (e.g. fewer target steps, to make them quickly);
+``--history-n 0`` writes the new batch into the unedited model.
+
     python bench/next_write_effect.py --checkpoint runs/ckpt/state.safetensors \
         --hparams examples/hparams/metake_smollm2_steps50.yaml --history-data counterfact \
         --history-n 1000 --next-data counterfact-10k --next-skip 2000 --n 100 --out effect.json
