@@ -154,8 +154,8 @@ class MetaKEHParams(AlphaEditHParams):
     outer_extra_templates: ``[[length, count], ...]`` groups of context prefixes that the upper
         level's objective F scores *in addition to* the target loop's templates (not in METHOD.md;
         empty, the default, leaves F as written). They are sampled from the model like the
-        others, from seed ``context_template_seed + 1``, so they are
-        different prefixes; the write's keys stay the target loop's. With ``gate_keys: instance``
+        others, from seed ``context_template_seed + 1``, so they are different prefixes; the
+        write's keys stay the target loop's. With ``gate_keys: instance``
         each extra prompt sees the share the write realises on its own key: F then asks the
         refined targets to hold in contexts the lower level never optimised for, which is what
         a paraphrase prompt is.

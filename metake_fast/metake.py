@@ -120,8 +120,9 @@ def structural_gate(editor, reqs, templates, per_instance: bool | None = None, s
     Returns ``G`` (u, u). With ``per_instance`` (default: ``hparams.gate_keys == "instance"``)
     returns ``(G, Γ)``: ``Γ`` (u, u·n) has one column per (request, flattened template) prompt,
     request-major, the share of each planned residual the write realises on that prompt's own
-    key; ``scored`` (default ``templates``) names those prompts when F scores extra ones. ``spread`` composes it like ``G``: ``Γ = Σ_j P_j Γ_j / (m−j)``,
-    ``P_j = Π_{i<j} (I − G_i/(m−i))``, which is ``G``'s columns when every prompt has the mean key.
+    key; ``scored`` (default ``templates``) names those prompts when F scores extra ones.
+    ``spread`` composes it like ``G``: ``Γ = Σ_j P_j Γ_j / (m−j)``, ``P_j = Π_{i<j} (I − G_i/(m−i))``,
+    which is ``G``'s columns when every prompt has the mean key.
     """
     hp = editor.hparams
     if per_instance is None:
