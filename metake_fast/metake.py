@@ -185,7 +185,7 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     model, tok, adapter = editor.model, editor.tok, editor.adapter
     L = editor.layers[-1]
     per_instance = hp.gate_keys == "instance"
-    extra = getattr(hp, "outer_extra_templates", [])
+    extra = getattr(hp, "outer_extra_templates", []) if hp.outer_steps > 0 else []  # no outer loop: no F to score
     scored = (
         with_extra_groups(model, tok, templates, extra, hp.context_template_seed + 1) if extra else templates
     )  # the prompts F scores: the target loop's, then any extra contexts
