@@ -10,7 +10,11 @@ What makes it fast:
 
 * all requests of a chunk share every forward/backward (Adam is elementwise,
   and each ``δ_i`` only reaches its own prompts, so this is exactly ``u``
-  separate optimisations; per-request early stop freezes a converged ``δ_i``);
+  separate optimisations; per-request early stop freezes a converged ``δ_i``, and
+  its prompts then leave the forward/backward (``compact``: the chunk's rows are
+  cut down to the requests still optimising, KV prefixes and replay included, so a
+  chunk costs the sum of its requests' steps, not its slowest request's steps
+  times its size);
 * positions before the subject's last token do not depend on ``δ``: their keys
   and values are computed once (a KV cache of the prefixes) and each step runs
   only the remaining few tokens per prompt;
@@ -57,6 +61,7 @@ class TargetConfig:
     early_stop_nll: float = 5e-2
     chunk_tokens: int = 1024
     prefix_cache: bool = True
+    compact: bool = True  # run only the requests still optimising (same result up to rounding)
 
 
 @dataclass
@@ -184,6 +189,49 @@ class _ChunkRunner:
             self.inject_col = torch.tensor([len(p) for p in lay.prefixes], device=dev)
             self.col_offset_t = self.inject_col
         self.rows = torch.arange(len(lay.prefixes), device=dev)
+
+    def subset(self, rows: torch.Tensor, owner: torch.Tensor) -> _ChunkRunner | None:
+        """A runner over the prompt ``rows`` (sorted indices) only, with chunk-local owners
+        ``owner`` (one per kept row); it shares the KV prefixes and the layer-L replay of these
+        rows, so its forward equals this runner's forward on them (the same tokens, masks and
+        positions). None where some recorded state cannot be split by row."""
+        n = self.rest_ids.shape[0]
+
+        def take(x):
+            if x is None or not torch.is_tensor(x):
+                return x
+            return x[rows] if x.dim() >= 1 and x.shape[0] == n else None
+
+        sub = object.__new__(_ChunkRunner)
+        vars(sub).update(vars(self))
+        if self.replay is not None:
+            hs, tail = self.replay
+            if tail is not None and any(t is not None and (not torch.is_tensor(t) or take(t) is None) for t in tail):
+                return None
+            sub.replay = (hs[rows], None if tail is None else tuple(take(t) for t in tail))
+        if self.use_cache:
+            import copy
+
+            saved = []
+            for state in self.saved:
+                new = {}
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() >= 3:  # per-sequence keys / values (B, heads, S, d)
+                        if v.shape[0] != n:
+                            return None
+                        v = v[rows]
+                    new[k] = v
+                saved.append(new)
+            sub.cache = copy.copy(self.cache)
+            sub.cache.layers = [copy.copy(lyr) for lyr in self.cache.layers]
+            sub.saved = saved
+            sub.pos = self.pos[rows]
+        sub.rest_ids, sub.mask, sub.inject_col = self.rest_ids[rows], self.mask[rows], self.inject_col[rows]
+        if not self.use_cache:
+            sub.col_offset_t = sub.inject_col
+        sub.owner = owner
+        sub.rows = torch.arange(len(rows), device=self.dev)
+        return sub
 
     def hidden_cols(self, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Map remainder-relative columns to this runner's columns."""
@@ -364,6 +412,35 @@ class ChunkProblem:
             self.nll_init = torch.zeros(self.u, device=dev).index_add_(0, self.t_own, -lp0 * self.t_w)
         self.h = h_all[bare]
 
+    def subset(self, keep: torch.Tensor) -> ChunkProblem | None:
+        """The same problem over the requests ``keep`` (sorted chunk-local indices) only: its
+        ``losses`` on ``delta[keep]`` equal this problem's losses at ``keep`` (up to the rounding
+        of smaller matrix products), at the cost of their prompts alone. None where the runner
+        cannot be split (the caller then keeps the whole chunk)."""
+        keep = keep.to(self.dev)
+        req_map = torch.full((self.u,), -1, dtype=torch.long, device=self.dev)
+        req_map[keep] = torch.arange(len(keep), device=self.dev)
+        row_kept = req_map[self.row_owner] >= 0
+        rows = row_kept.nonzero().squeeze(1)
+        row_map = torch.full_like(self.row_owner, -1)
+        row_map[rows] = torch.arange(len(rows), device=self.dev)
+        run = self.run.subset(rows, req_map[self.row_owner[rows]])
+        if run is None:
+            return None
+        sub = object.__new__(ChunkProblem)
+        vars(sub).update(vars(self))
+        sub.run, sub.u = run, len(keep)
+        t = row_kept[self.t_rows]
+        sub.t_rows, sub.t_cols, sub.t_ids, sub.t_w = row_map[self.t_rows[t]], self.t_cols[t], self.t_ids[t], self.t_w[t]
+        sub.t_own = req_map[self.t_own[t]]
+        sub.k_rows, sub.k_cols = row_map[self.k_rows[keep]], self.k_cols[keep]  # one KL row per request, in order
+        sub.kl_ref = object.__new__(KLReference)
+        vars(sub.kl_ref).update(vars(self.kl_ref))
+        sub.kl_ref.h0 = self.kl_ref.h0[keep]
+        sub.row_owner, sub.row_template = run.owner, self.row_template[rows]
+        sub.nll_init, sub.h = self.nll_init[keep], self.h[keep]
+        return sub
+
     def losses(
         self, delta: torch.Tensor, with_kl: bool = True, gate: torch.Tensor | None = None, per_row: bool = False
     ):
@@ -408,22 +485,33 @@ def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: Target
     u, h = prob.u, prob.h
     h_norm = h.norm(dim=1)
     max_norm = cfg.clamp_norm_factor * h_norm
-    delta = torch.zeros(u, h.shape[1], device=prob.dev, requires_grad=True)
+    delta = torch.zeros(u, h.shape[1], device=prob.dev)
     opt = MaskedAdam(delta, cfg.lr)
     active = torch.ones(u, dtype=torch.bool, device=prob.dev)
     nll = prob.nll_init.clone()
+    idx = torch.arange(u, device=prob.dev)  # the requests the current (sub)problem runs
+    part = prob
     for _ in range(cfg.steps):
         active &= nll > cfg.early_stop_nll
-        if not bool(active.any()):
+        n_active = int(active.sum())
+        if n_active == 0:
             break
-        nll_req, kl_req = prob.losses(delta, with_kl=cfg.kl_factor > 0)
-        wd_req = cfg.weight_decay * delta.norm(dim=1) / h_norm.pow(2)
-        loss = (nll_req + cfg.kl_factor * kl_req + wd_req)[active].sum()
-        (grad,) = torch.autograd.grad(loss, delta)
-        nll = nll_req.detach()
+        if cfg.compact and n_active < len(idx):  # converged requests leave the forward/backward
+            keep = active.nonzero().squeeze(1)
+            sub = prob.subset(keep)
+            if sub is not None:
+                idx, part = keep, sub
+        d = delta[idx].requires_grad_(True)
+        nll_req, kl_req = part.losses(d, with_kl=cfg.kl_factor > 0)
+        wd_req = cfg.weight_decay * d.norm(dim=1) / h_norm[idx].pow(2)
+        loss = (nll_req + cfg.kl_factor * kl_req + wd_req)[active[idx]].sum()
+        (g,) = torch.autograd.grad(loss, d)
+        grad = torch.zeros_like(delta).index_copy_(0, idx, g)
+        nll = nll.index_copy(0, idx, nll_req.detach())
         opt.step(grad, active)
         clamp_rows_(delta, max_norm)
-        bar.update(int(active.sum()))
+        bar.update(n_active)
+    del part
     with torch.no_grad():  # NLL after the last update
         nll, _ = prob.losses(delta, with_kl=False)
     if not torch.isfinite(delta).all():

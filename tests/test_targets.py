@@ -253,3 +253,76 @@ def test_keys_batched_by_length_equal_one_sequence_at_a_time(arch, reqs):
         Ki, Hi = keys_and_residual(model, tok, adapter, [r], 1, 2, TEMPLATES, batch_rows=1)
         torch.testing.assert_close(K[:, i : i + 1], Ki, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(H[:, i : i + 1], Hi, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox", "gptj", "qwen2"])
+def test_subset_problem_equals_rows_of_whole_problem(arch, prefix_cache, reqs):
+    """``ChunkProblem.subset(keep)`` (what the loop runs once some requests converged): its losses
+    and gradient on ``delta[keep]`` are the whole problem's at ``keep``, KV prefixes, replayed lower
+    layers and sliding-window cache state included."""
+    model = tiny_model(arch, layers=3, seed=1, **({"sliding_window": 128} if arch == "gemma2" else {}))
+    prob = _problem(model, reqs, prefix_cache)
+    g = torch.Generator().manual_seed(3)
+    delta = 0.3 * prob.h.norm(dim=1, keepdim=True) * torch.randn(prob.h.shape, generator=g) / prob.h.shape[1] ** 0.5
+    d = delta.clone().requires_grad_(True)
+    nll, kl = prob.losses(d)
+    (grad,) = torch.autograd.grad((nll + kl).sum(), d)
+    for keep in ([0, 2], [1], [2]):
+        k = torch.tensor(keep)
+        sub = prob.subset(k)
+        assert sub is not None and sub.u == len(keep)
+        assert sub.run.rest_ids.shape[0] == (len(TEMPLATES[0]) + len(TEMPLATES[1]) + 1) * len(keep)
+        ds = delta[k].clone().requires_grad_(True)
+        nll_s, kl_s = sub.losses(ds)
+        (grad_s,) = torch.autograd.grad((nll_s + kl_s).sum(), ds)
+        torch.testing.assert_close(nll_s, nll[k].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl_s, kl[k].detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad_s, grad[k], rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+        torch.testing.assert_close(sub.nll_init, prob.nll_init[k], rtol=0, atol=0)
+        torch.testing.assert_close(sub.h, prob.h[k], rtol=0, atol=0)
+    # a subset of a subset is the same as the direct subset; the whole problem is untouched
+    two = prob.subset(torch.tensor([1, 2])).subset(torch.tensor([1]))
+    nll_2, _ = two.losses(delta[2:3])
+    torch.testing.assert_close(nll_2, nll[2:3].detach(), rtol=1e-5, atol=1e-6)
+    nll_again, _ = prob.losses(delta)
+    torch.testing.assert_close(nll_again, nll.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_compacted_loop_equals_full_loop(arch, prefix_cache, reqs, monkeypatch):
+    """Dropping converged requests from the forward/backward (``compact``) changes no result: the
+    same steps, targets and NLLs as running every request of the chunk until the last converges;
+    and it does drop them (later steps run fewer requests)."""
+    model = tiny_model(arch, layers=3, seed=2, **({"sliding_window": 128} if arch == "gemma2" else {}))
+    adapter, tok = get_adapter(model), tiny_tokenizer()
+    # an early-stop threshold that one request reaches well before the others
+    probe = optimize_targets(
+        model, tok, adapter, reqs, LAYER, TEMPLATES, TargetConfig(**{**CFG, "steps": 3, "early_stop_nll": 0.0}),
+        progress=False,
+    )  # fmt: skip
+    low = probe.nll.sort().values
+    threshold = float(low[0] + low[1]) / 2
+    cfg = {**CFG, "steps": 10, "early_stop_nll": threshold, "prefix_cache": prefix_cache}
+    sizes = []
+    losses = ChunkProblem.losses
+
+    def spy(self, delta, *a, **k):
+        sizes.append(self.u)
+        return losses(self, delta, *a, **k)
+
+    monkeypatch.setattr(ChunkProblem, "losses", spy)
+    full = optimize_targets(model, tok, adapter, reqs, LAYER, TEMPLATES, TargetConfig(**cfg, compact=False),
+                            progress=False)  # fmt: skip
+    full_sizes, sizes[:] = list(sizes), []
+    comp = optimize_targets(model, tok, adapter, reqs, LAYER, TEMPLATES, TargetConfig(**cfg, compact=True),
+                            progress=False)  # fmt: skip
+    assert len(set(full.steps.tolist())) > 1, full.steps  # requests converged at different steps
+    assert set(full_sizes) == {3}
+    assert min(sizes[1:-1]) < 3  # later steps ran only the unconverged requests (the last call: final NLL)
+    assert comp.steps.tolist() == full.steps.tolist()
+    scale = float(full.delta.abs().max())
+    torch.testing.assert_close(comp.delta, full.delta, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(comp.nll, full.nll, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(comp.nll_init, full.nll_init, rtol=0, atol=0)
