@@ -179,6 +179,26 @@ def _omega(R: torch.Tensor, h_norm: torch.Tensor, gdiag: torch.Tensor, kind: str
     return base if kind == "norm" else base * (1 - gdiag).clamp_min(0)
 
 
+def _active_parts(chunks, problems, gates, active: torch.Tensor, per_instance: bool) -> list:
+    """Each chunk cut down to its requests still in the upper level's objective: ``(requests,
+    problem, gate)`` with :meth:`ChunkProblem.subset` and the gate's matching columns (one per
+    prompt row with per-prompt keys, one per request otherwise); chunks with none are left out,
+    and a chunk whose problem cannot be split is kept whole."""
+    out = []
+    for idx, prob, gate in zip(chunks, problems, gates):
+        on = active[idx]
+        keep = on.nonzero().squeeze(1)
+        if len(keep) == 0:
+            continue
+        sub = prob.subset(keep) if len(keep) < len(idx) else None
+        if sub is None:
+            out.append((idx, prob, gate))
+            continue
+        cols = on[prob.row_owner].nonzero().squeeze(1) if per_instance else keep
+        out.append((idx[keep], sub, gate[:, cols]))
+    return out
+
+
 def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) -> torch.Tensor:
     """Run the upper level; returns the refined targets ``Z = H + R`` as (d_v, u) float32."""
     hp = editor.hparams
@@ -221,15 +241,21 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
         Hp = hp.history_weight * Hp / h_norm.pow(2).mean()
     opt = MaskedAdam(R, hp.outer_lr)
     active = torch.ones(u, dtype=torch.bool, device=dev)
+    parts = list(zip(chunks, problems, gates))  # what each step runs: (requests, problem, gate)
+    n_active = u
+    nll_all = torch.zeros(u, device=dev)
     bar = tqdm(total=hp.outer_steps, desc="metake outer", disable=not editor.progress, leave=False)
     for _ in range(hp.outer_steps):
+        if cfg.compact and int(active.sum()) < n_active:
+            # a converged request's prompts enter no loss, so they leave the forward/backward;
+            # the others still see its (frozen) residual through the gate
+            parts, n_active = _active_parts(chunks, problems, gates, active, per_instance), int(active.sum())
         # Each chunk sees the virtual residuals (Gᵀ R)[idx] = G[:, idx]ᵀ R through the
         # gated_delta_inject op, whose gradient w.r.t. R is G[:, idx] ∇_virt; summed over
         # the chunks this is the structural gradient proxy G ∇_H̃ F (row layout).
         Rg = R.detach().clone().requires_grad_(True)
         g_proxy = torch.zeros_like(R)
-        nll_all = torch.zeros(u, device=dev)
-        for idx, prob, gate in zip(chunks, problems, gates):
+        for idx, prob, gate in parts:
             nll, kl = prob.losses(Rg, with_kl=hp.outer_kl and hp.kl_factor > 0, gate=gate, per_row=per_instance)
             loss = (nll + hp.kl_factor * kl)[active[idx]].sum()
             if loss.requires_grad:

@@ -625,3 +625,45 @@ def test_extra_templates_are_validated():
             make_hparams("metake", {"outer_extra_templates": bad})
     with pytest.raises(HParamsError, match="outer_extra_templates"):
         make_hparams("alphaedit", {"outer_extra_templates": [[10, 5]]})
+
+
+@pytest.mark.parametrize("gate_keys", ["mean", "instance"])
+def test_outer_loop_compaction_equals_running_every_request(setup, monkeypatch, gate_keys):
+    """A request that converges in the upper level enters no later loss, so its prompts leave the
+    forward/backward (``TargetConfig.compact``): the refined targets are those of the loop that runs
+    every request at every outer step, and the later steps do run fewer requests."""
+    import dataclasses
+
+    from metake_fast.targets import ChunkProblem
+
+    model, tok = setup
+    common = dict(L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys=gate_keys, outer_lr=0.5)
+    ed = _editor(model, tok, **common)
+    tpl = ed._templates()
+    tres = optimize_targets(
+        model, tok, ed.adapter, REQS, ed.layers[-1], tpl, ed._target_config(), progress=False, keep_problems=True
+    )
+    probe = _editor(model, tok, **common, early_stop_nll=0.0, outer_steps=3)
+    refine_targets(probe, REQS, tpl, tres, {})
+    low = probe.last_outer_nll.sort().values
+    assert float(low[1] - low[0]) > 1e-3  # requests apart: one converges before the others
+    threshold = float(low[0] + low[1]) / 2
+    sizes, losses = [], ChunkProblem.losses
+
+    def spy(self, *a, **k):
+        sizes.append(self.u)
+        return losses(self, *a, **k)
+
+    monkeypatch.setattr(ChunkProblem, "losses", spy)
+    Z, runs = {}, {}
+    for compact in (False, True):
+        run = _editor(model, tok, **common, early_stop_nll=threshold, outer_steps=10)
+        cfg = dataclasses.replace(run._target_config(), compact=compact)
+        monkeypatch.setattr(run, "_target_config", lambda cfg=cfg: cfg)
+        sizes.clear()
+        Z[compact] = refine_targets(run, REQS, tpl, tres, {})
+        runs[compact] = list(sizes)
+    assert set(runs[False]) == {len(REQS)} and min(runs[True]) < len(REQS), runs
+    assert len(runs[True]) > 3  # the loop went on after the first request converged
+    torch.testing.assert_close(Z[True], Z[False], rtol=1e-5, atol=1e-5 * float(Z[False].abs().max()))
+    assert not torch.allclose(Z[False], (tres.h + tres.delta).T, atol=1e-6)  # the upper level moved the targets
