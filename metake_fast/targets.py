@@ -200,7 +200,7 @@ class _ChunkRunner:
         def take(x):
             if x is None or not torch.is_tensor(x):
                 return x
-            return x[rows] if x.dim() >= 1 and x.shape[0] == n else None
+            return x[rows.to(x.device)] if x.dim() >= 1 and x.shape[0] == n else None
 
         sub = object.__new__(_ChunkRunner)
         vars(sub).update(vars(self))
@@ -208,7 +208,7 @@ class _ChunkRunner:
             hs, tail = self.replay
             if tail is not None and any(t is not None and (not torch.is_tensor(t) or take(t) is None) for t in tail):
                 return None
-            sub.replay = (hs[rows], None if tail is None else tuple(take(t) for t in tail))
+            sub.replay = (hs[rows.to(hs.device)], None if tail is None else tuple(take(t) for t in tail))
         if self.use_cache:
             import copy
 
@@ -219,7 +219,7 @@ class _ChunkRunner:
                     if torch.is_tensor(v) and v.dim() >= 3:  # per-sequence keys / values (B, heads, S, d)
                         if v.shape[0] != n:
                             return None
-                        v = v[rows]
+                        v = v[rows.to(v.device)]  # a sharded model's layers may sit on several devices
                     new[k] = v
                 saved.append(new)
             sub.cache = copy.copy(self.cache)
