@@ -80,6 +80,11 @@ def main() -> None:
     tm = {k: {"median_ms": v, "p20_ms": v, "p80_ms": v} for k, v in times.items()}
     shape = {"model": args.model, "requests": args.n, "skip": args.skip, "hparams": args.hparams,
              "outer_steps": ed.hparams.outer_steps, "request_forwards": per_step, "max_rel_target_diff": diff}  # fmt: skip
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    shape["peak_rss_gib"] = round(peak, 2)
+    print(f"  peak resident memory of the process (both variants): {peak:.2f} GiB")
     C.report(OP, shape, torch.float32, dev, tm, 0.0, 0.0, save=not args.no_save)
 
 

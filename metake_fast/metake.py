@@ -179,13 +179,14 @@ def _omega(R: torch.Tensor, h_norm: torch.Tensor, gdiag: torch.Tensor, kind: str
     return base if kind == "norm" else base * (1 - gdiag).clamp_min(0)
 
 
-def _active_parts(chunks, problems, gates, active: torch.Tensor, per_instance: bool) -> list:
-    """Each chunk cut down to its requests still in the upper level's objective: ``(requests,
-    problem, gate)`` with :meth:`ChunkProblem.subset` and the gate's matching columns (one per
-    prompt row with per-prompt keys, one per request otherwise); chunks with none are left out,
-    and a chunk whose problem cannot be split is kept whole."""
+def _active_parts(parts: list, active: torch.Tensor, per_instance: bool) -> list:
+    """Each ``(requests, problem, gate)`` part cut down to its requests still in the upper level's
+    objective, with :meth:`ChunkProblem.subset` and the gate's matching columns (one per prompt
+    row with per-prompt keys, one per request otherwise); parts with none left are dropped, and
+    a part whose problem cannot be split is kept whole. The parts given are not kept, so their
+    KV caches are freed once the caller lets go of them."""
     out = []
-    for idx, prob, gate in zip(chunks, problems, gates):
+    for idx, prob, gate in parts:
         on = active[idx]
         keep = on.nonzero().squeeze(1)
         if len(keep) == 0:
@@ -200,7 +201,10 @@ def _active_parts(chunks, problems, gates, active: torch.Tensor, per_instance: b
 
 
 def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) -> torch.Tensor:
-    """Run the upper level; returns the refined targets ``Z = H + R`` as (d_v, u) float32."""
+    """Run the upper level; returns the refined targets ``Z = H + R`` as (d_v, u) float32.
+
+    ``tres.problems`` (the target loop's chunk problems, if kept) is consumed: set to None, so
+    their KV caches are freed as soon as the outer loop lets go of them."""
     hp = editor.hparams
     model, tok, adapter = editor.model, editor.tok, editor.adapter
     L = editor.layers[-1]
@@ -225,7 +229,9 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     if tres.problems is not None and scored is templates:  # the target loop's chunks, on this same model
         chunks = [idx for idx, _ in tres.problems]
         problems = [prob for _, prob in tres.problems]
+        tres.problems = None  # consumed: compaction frees each chunk's caches as its requests converge
     else:
+        tres.problems = None  # the target loop's prompts are not F's: free their KV caches first
         chunks = _chunks(tok, reqs, scored, cfg.chunk_tokens, cfg.prefix_cache)
         problems = [
             ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, scored, cfg.prefix_cache) for idx in chunks
@@ -242,6 +248,7 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     opt = MaskedAdam(R, hp.outer_lr)
     active = torch.ones(u, dtype=torch.bool, device=dev)
     parts = list(zip(chunks, problems, gates))  # what each step runs: (requests, problem, gate)
+    del chunks, problems, gates  # compaction below replaces parts, and with them their caches
     n_active = u
     nll_all = torch.zeros(u, device=dev)
     bar = tqdm(total=hp.outer_steps, desc="metake outer", disable=not editor.progress, leave=False)
@@ -249,7 +256,7 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
         if cfg.compact and int(active.sum()) < n_active:
             # a converged request's prompts enter no loss, so they leave the forward/backward;
             # the others still see its (frozen) residual through the gate
-            parts, n_active = _active_parts(chunks, problems, gates, active, per_instance), int(active.sum())
+            parts, n_active = _active_parts(parts, active, per_instance), int(active.sum())
         # Each chunk sees the virtual residuals (Gᵀ R)[idx] = G[:, idx]ᵀ R through the
         # gated_delta_inject op, whose gradient w.r.t. R is G[:, idx] ∇_virt; summed over
         # the chunks this is the structural gradient proxy G ∇_H̃ F (row layout).
