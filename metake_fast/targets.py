@@ -490,16 +490,18 @@ def _optimize_chunk(model, tok, adapter, requests, layer, templates, cfg: Target
     active = torch.ones(u, dtype=torch.bool, device=prob.dev)
     nll = prob.nll_init.clone()
     idx = torch.arange(u, device=prob.dev)  # the requests the current (sub)problem runs
-    part = prob
+    part, splittable = prob, cfg.compact
     for _ in range(cfg.steps):
         active &= nll > cfg.early_stop_nll
         n_active = int(active.sum())
         if n_active == 0:
             break
-        if cfg.compact and n_active < len(idx):  # converged requests leave the forward/backward
+        if splittable and n_active < len(idx):  # converged requests leave the forward/backward
             keep = active.nonzero().squeeze(1)
             sub = prob.subset(keep)
-            if sub is not None:
+            if sub is None:
+                splittable = False  # this runner's state cannot be split by row: run it whole
+            else:
                 idx, part = keep, sub
         d = delta[idx].requires_grad_(True)
         nll_req, kl_req = part.losses(d, with_kl=cfg.kl_factor > 0)
