@@ -159,6 +159,10 @@ class MetaKEHParams(AlphaEditHParams):
         each extra prompt sees the share the write realises on its own key: F then asks the
         refined targets to hold in contexts the lower level never optimised for, which is what
         a paraphrase prompt is.
+    outer_extra_weight: each extra prompt's weight in F relative to one of the target loop's
+        prompts (a request's weights are then normalised to sum 1). 1 (default) weighs every
+        prompt alike, so ten extras beside six own prompts hold 10/16 of F; 0.2 gives them a
+        quarter (10·0.2 / (6 + 10·0.2)) and leaves the rewrite prompt 1/8 instead of 1/16.
     """
 
     outer_steps: int = 10
@@ -178,6 +182,7 @@ class MetaKEHParams(AlphaEditHParams):
     safeguard_history: bool = False
     safeguard_history_max: int = 1000
     outer_extra_templates: list[list[int]] = field(default_factory=list)
+    outer_extra_weight: float = 1.0
     method = "metake"
 
 
@@ -262,6 +267,7 @@ _NONNEG = {
     "safeguard_history_max",
     "history_weight",
     "gamma",
+    "outer_extra_weight",
 }
 
 

@@ -38,7 +38,8 @@ extra context prefixes (other samples than the target loop's, see
 :func:`metake_fast.context.with_extra_groups`). The write is unchanged: its keys are the target
 loop's mean keys, and with ``gate_keys: instance`` each extra prompt sees the share the write
 realises on its own key. F then asks the refined targets to hold in contexts the lower level
-never fitted, as a paraphrase prompt's are.
+never fitted, as a paraphrase prompt's are. ``outer_extra_weight`` is each extra prompt's weight
+relative to an own prompt's (1: all alike; a request's weights sum to 1 either way).
 
 Choices (``MetaKEHParams``): ``outer_steps``, ``outer_lr``, ``gamma`` and
 ``omega`` (``"norm"``: ‖R_i‖/‖h_i‖²; ``"adaptive"``: the same times ``1 − g_ii``,
@@ -84,6 +85,16 @@ def solver_gate(solver, K: torch.Tensor) -> torch.Tensor:
 def _flat_weights(templates) -> torch.Tensor:
     """Each flattened template's weight in a request's mean key (groups weighted equally)."""
     return torch.tensor([1.0 / (len(templates) * len(group)) for group in templates for _ in group])
+
+
+def _scored_weights(templates, scored, extra_weight: float) -> list[float] | None:
+    """F's weight of each flattened prompt of ``scored`` (before normalisation): 1 for the target
+    loop's own prompts, ``extra_weight`` for the extra ones; None (every prompt alike) at 1."""
+    if extra_weight == 1.0:
+        return None
+    n_own = sum(len(g) for g in templates)
+    n_all = sum(len(g) for g in scored)
+    return [1.0] * n_own + [float(extra_weight)] * (n_all - n_own)
 
 
 def _layer_gates(editor, reqs, templates, per_instance: bool, scored=None):
@@ -233,8 +244,10 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
     else:
         tres.problems = None  # the target loop's prompts are not F's: free their KV caches first
         chunks = _chunks(tok, reqs, scored, cfg.chunk_tokens, cfg.prefix_cache)
+        weights = _scored_weights(templates, scored, getattr(hp, "outer_extra_weight", 1.0))
         problems = [
-            ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, scored, cfg.prefix_cache) for idx in chunks
+            ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, scored, cfg.prefix_cache, prompt_weights=weights)
+            for idx in chunks
         ]
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
     Gam = None if Gam is None else Gam.to(dev).reshape(u, u, -1)  # (u, u, n): request, prompt's request, prompt

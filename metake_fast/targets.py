@@ -88,19 +88,34 @@ class _Layout:
     tgt_rows: list[int]
     tgt_cols: list[int]
     tgt_ids: list[int]
-    tgt_weight: list[float]  # 1 / (n_prompts_i * len(target_i))
+    tgt_weight: list[float]  # prompt's weight / len(target_i); prompts weigh 1 / n_prompts unless given
     kl_rows: list[int]
     kl_cols: list[int]
     bare_rows: list[int]  # the bare-prompt row of each request (for h)
     row_template: list[int] = field(default_factory=list)  # flat template of each row (-1: KL row)
 
 
-def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]) -> _Layout:
+def normalise_prompt_weights(n_prompts: int, weights: Sequence[float] | None = None) -> list[float]:
+    """Each flattened prompt's share of a request's NLL: ``weights`` normalised to sum 1, or
+    ``1 / n_prompts`` each (every prompt alike) when None."""
+    if weights is None:
+        return [1.0 / n_prompts] * n_prompts
+    if len(weights) != n_prompts:
+        raise ValueError(f"{len(weights)} prompt weights for {n_prompts} prompts")
+    total = float(sum(weights))
+    if not total > 0 or any(w < 0 for w in weights):
+        raise ValueError(f"prompt weights must be >= 0 with a positive sum, got {list(weights)}")
+    return [float(w) / total for w in weights]
+
+
+def _layout(
+    tok, requests: Sequence[EditRequest], templates: list[list[str]], weights: Sequence[float] | None = None
+) -> _Layout:
     L = _Layout([], [], [], [], [], [], [], [], [], [])
     flat = [c for group in templates for c in group]
+    pw = normalise_prompt_weights(len(flat), weights)
     for i, req in enumerate(requests):
         t = encode_target(tok, req.target_new)
-        n_prompts = len(flat)
         for j, ctx in enumerate(flat):
             ids, s = subject_last_index(tok, ctx.replace("{}", req.template(), 1), req.subject)
             full = ids + t[:-1]
@@ -115,7 +130,7 @@ def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]) ->
                 L.tgt_rows.append(row)
                 L.tgt_cols.append(len(ids) - 1 + k - s)
                 L.tgt_ids.append(tid)
-                L.tgt_weight.append(1.0 / (n_prompts * len(t)))
+                L.tgt_weight.append(pw[j] / len(t))
         ids, s = subject_last_index(tok, ESSENCE_TEMPLATE, req.subject)
         row = len(L.prefixes)
         L.prefixes.append(ids[:s])
@@ -375,7 +390,9 @@ class ChunkProblem:
 
     ``losses(delta)`` returns per-request ``(nll, kl)`` (each (u,)) for ``delta``
     (u, d_v) added after layer ``L`` at the subject's last token; differentiable in
-    ``delta``. ``h`` is the pre-edit residual at the subject (bare prompt).
+    ``delta``. ``h`` is the pre-edit residual at the subject (bare prompt). ``prompt_weights``
+    (one per flattened template; normalised by :func:`normalise_prompt_weights`) sets each
+    prompt's share of a request's NLL; None (default) weighs every prompt alike.
     """
 
     def __init__(
@@ -388,8 +405,9 @@ class ChunkProblem:
         templates,
         prefix_cache: bool = True,
         skip_lower: bool = True,
+        prompt_weights: Sequence[float] | None = None,
     ):
-        lay = _layout(tok, requests, templates)
+        lay = _layout(tok, requests, templates, prompt_weights)
         self.model, self.adapter = model, adapter
         self.run = run = _ChunkRunner(model, tok, adapter, lay, layer, prefix_cache, skip_lower)
         dev = self.dev = run.dev

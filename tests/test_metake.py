@@ -613,6 +613,24 @@ def test_extra_templates_enter_the_outer_objective_only(setup, monkeypatch):
     assert torch.equal(refine_targets(ed, REQS, tpl, tres, {}), (tres.h + tres.delta).T)
 
 
+def test_extra_weight_zero_is_f_without_extras_and_weight_between_differs(setup):
+    """``outer_extra_weight``: at 0 the extra prompts hold no share of F, so the refined targets are
+    those without extra contexts (the own prompts' gate columns do not change with them); a weight
+    between 0 and 1 gives targets unlike both 0 and 1 (every prompt alike)."""
+    model, tok = setup
+    common = dict(L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
+    ed0 = _editor(model, tok, **common)
+    tpl = ed0._templates()
+    tres = optimize_targets(model, tok, ed0.adapter, REQS, ed0.layers[-1], tpl, ed0._target_config(), progress=False)
+    Z0 = refine_targets(ed0, REQS, tpl, tres, {})
+    Z = {}
+    for w in (0.0, 0.3, 1.0):
+        ed = _editor(model, tok, **common, outer_extra_templates=[[4, 2]], outer_extra_weight=w)
+        Z[w] = refine_targets(ed, REQS, tpl, tres, {})
+    torch.testing.assert_close(Z[0.0], Z0, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(Z[0.3], Z0, atol=1e-4) and not torch.allclose(Z[0.3], Z[1.0], atol=1e-4)
+
+
 def test_extra_templates_are_validated():
     from metake_fast.hparams import HParamsError, make_hparams
 
@@ -625,6 +643,9 @@ def test_extra_templates_are_validated():
             make_hparams("metake", {"outer_extra_templates": bad})
     with pytest.raises(HParamsError, match="outer_extra_templates"):
         make_hparams("alphaedit", {"outer_extra_templates": [[10, 5]]})
+    assert make_hparams("metake", {"outer_extra_weight": 0.2}).outer_extra_weight == 0.2
+    with pytest.raises(HParamsError, match="outer_extra_weight"):
+        make_hparams("metake", {"outer_extra_weight": -0.1})
 
 
 @pytest.mark.parametrize("gate_keys", ["mean", "instance"])

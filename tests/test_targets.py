@@ -326,3 +326,37 @@ def test_compacted_loop_equals_full_loop(arch, prefix_cache, reqs, monkeypatch):
     torch.testing.assert_close(comp.delta, full.delta, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(comp.nll, full.nll, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(comp.nll_init, full.nll_init, rtol=0, atol=0)
+
+
+def test_prompt_weights_are_normalised_and_checked():
+    from metake_fast.targets import normalise_prompt_weights
+
+    assert normalise_prompt_weights(4) == [0.25] * 4
+    assert normalise_prompt_weights(3, [1, 1, 2]) == [0.25, 0.25, 0.5]
+    for bad in ([1, 1], [1, -1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match="prompt weights"):
+            normalise_prompt_weights(3, bad)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_weighted_prompts_nll_is_the_weighted_mean_of_single_prompt_problems(arch, prefix_cache, reqs):
+    """With ``prompt_weights`` a request's NLL is ``Σ_j w_j · NLL_j / Σ w``, ``NLL_j`` that of the
+    problem over prompt ``j`` alone (per-token mean over the target); no weights: all alike. The
+    subset of a weighted problem keeps its weights."""
+    model = tiny_model(arch, layers=3, seed=2)
+    tok, adapter = tiny_tokenizer(), get_adapter(model)
+    flat = [c for group in TEMPLATES for c in group]
+    singles = [ChunkProblem(model, tok, adapter, reqs, LAYER, [[c]], prefix_cache) for c in flat]
+    g = torch.Generator().manual_seed(5)
+    h = singles[0].h
+    delta = 0.3 * h.norm(dim=1, keepdim=True) * torch.randn(h.shape, generator=g) / h.shape[1] ** 0.5
+    per = torch.stack([p.losses(delta, with_kl=False)[0] for p in singles]).double()  # (n_prompts, u)
+    for w in (None, [3.0, 1.0, 0.5], [1.0, 0.0, 0.0]):
+        prob = ChunkProblem(model, tok, adapter, reqs, LAYER, TEMPLATES, prefix_cache, prompt_weights=w)
+        ww = torch.ones(len(flat), dtype=torch.float64) if w is None else torch.tensor(w, dtype=torch.float64)
+        want = (ww[:, None] * per).sum(0) / ww.sum()
+        nll, _ = prob.losses(delta, with_kl=False)
+        torch.testing.assert_close(nll.double(), want, rtol=1e-5, atol=1e-6)
+        sub = prob.subset(torch.tensor([1, 2]))
+        torch.testing.assert_close(sub.losses(delta[1:], with_kl=False)[0].double(), want[1:], rtol=1e-5, atol=1e-6)
