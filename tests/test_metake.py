@@ -582,17 +582,23 @@ def test_extra_templates_keep_the_write_gate_and_add_columns_on_their_own_keys(s
     assert torch.allclose(Gam, (Y.double().T @ Ki.double()).float(), atol=1e-4)
 
 
+def _extra_context_base(model, tok):
+    """The per-prompt spread-gate settings, templates, plain target result and refined targets
+    without extra contexts, that the extra-context tests compare against."""
+    common = dict(L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
+    ed0 = _editor(model, tok, **common)
+    tpl = ed0._templates()
+    tres = optimize_targets(model, tok, ed0.adapter, REQS, ed0.layers[-1], tpl, ed0._target_config(), progress=False)
+    return common, tpl, tres, refine_targets(ed0, REQS, tpl, tres, {})
+
+
 def test_extra_templates_enter_the_outer_objective_only(setup, monkeypatch):
     """With extra contexts the outer loop scores them (its chunk problems hold the extra prompts),
     its result differs from F without them, and is the same however the requests are chunked."""
     import metake_fast.metake as mk
 
     model, tok = setup
-    common = dict(L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
-    ed0 = _editor(model, tok, **common)
-    tpl = ed0._templates()
-    tres = optimize_targets(model, tok, ed0.adapter, REQS, ed0.layers[-1], tpl, ed0._target_config(), progress=False)
-    Z0 = refine_targets(ed0, REQS, tpl, tres, {})
+    common, tpl, tres, Z0 = _extra_context_base(model, tok)
     seen = []
     real = mk.ChunkProblem
 
@@ -618,11 +624,7 @@ def test_extra_weight_zero_is_f_without_extras_and_weight_between_differs(setup)
     those without extra contexts (the own prompts' gate columns do not change with them); a weight
     between 0 and 1 gives targets unlike both 0 and 1 (every prompt alike)."""
     model, tok = setup
-    common = dict(L2=0.5, nullspace_threshold=1e-3, gate_layers="spread", gate_keys="instance")
-    ed0 = _editor(model, tok, **common)
-    tpl = ed0._templates()
-    tres = optimize_targets(model, tok, ed0.adapter, REQS, ed0.layers[-1], tpl, ed0._target_config(), progress=False)
-    Z0 = refine_targets(ed0, REQS, tpl, tres, {})
+    common, tpl, tres, Z0 = _extra_context_base(model, tok)
     Z = {}
     for w in (0.0, 0.3, 1.0):
         ed = _editor(model, tok, **common, outer_extra_templates=[[4, 2]], outer_extra_weight=w)
