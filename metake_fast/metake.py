@@ -87,11 +87,9 @@ def _flat_weights(templates) -> torch.Tensor:
     return torch.tensor([1.0 / (len(templates) * len(group)) for group in templates for _ in group])
 
 
-def _scored_weights(templates, scored, extra_weight: float) -> list[float] | None:
+def _scored_weights(templates, scored, extra_weight: float) -> list[float]:
     """F's weight of each flattened prompt of ``scored`` (before normalisation): 1 for the target
-    loop's own prompts, ``extra_weight`` for the extra ones; None (every prompt alike) at 1."""
-    if extra_weight == 1.0:
-        return None
+    loop's own prompts, ``extra_weight`` for the extra ones (at 1, every prompt alike)."""
     n_own = sum(len(g) for g in templates)
     n_all = sum(len(g) for g in scored)
     return [1.0] * n_own + [float(extra_weight)] * (n_all - n_own)
