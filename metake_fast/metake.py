@@ -244,7 +244,9 @@ def refine_targets(editor, reqs, templates, tres: TargetResult, timing: dict) ->
         chunks = _chunks(tok, reqs, scored, cfg.chunk_tokens, cfg.prefix_cache)
         weights = _scored_weights(templates, scored, getattr(hp, "outer_extra_weight", 1.0))
         problems = [
-            ChunkProblem(model, tok, adapter, [reqs[i] for i in idx], L, scored, cfg.prefix_cache, prompt_weights=weights)
+            ChunkProblem(
+                model, tok, adapter, [reqs[i] for i in idx], L, scored, cfg.prefix_cache, prompt_weights=weights
+            )
             for idx in chunks
         ]
     chunks = [torch.tensor(idx, device=dev) for idx in chunks]
