@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .context import context_templates
 from .hparams import EditHParams, HParamsError, load_hparams, make_hparams, to_dict
-from .keys import keys_and_residual
+from .keys import instance_keys_mean_and_history, keys_and_residual
 from .models import get_adapter, load_model, weights_fingerprint
 from .ops import apply_update_
 from .requests import EditRequest, RequestError, from_easyedit, validate_requests
@@ -448,9 +448,18 @@ class Editor:
         L = layers[-1]
         m = len(layers)
         keys_used = {}
+        context_history = getattr(self.hparams, "history_keys", "mean") == "contexts"
         for j, layer in enumerate(layers):
             t0 = time.perf_counter()
-            K, H_cur = keys_and_residual(self.model, self.tok, self.adapter, reqs, layer, L, templates)
+            if context_history:
+                # every prompt's own key: the mean is the write's key, the scaled columns the history's
+                K_all, H_cur = keys_and_residual(
+                    self.model, self.tok, self.adapter, reqs, layer, L, templates, per_instance=True
+                )
+                K, K_hist = instance_keys_mean_and_history(K_all, templates, len(reqs))
+            else:
+                K, H_cur = keys_and_residual(self.model, self.tok, self.adapter, reqs, layer, L, templates)
+                K_hist = K
             timing["keys"] += time.perf_counter() - t0
             if not torch.isfinite(K).all():
                 col = int((~torch.isfinite(K).all(0)).nonzero()[0])
@@ -484,7 +493,7 @@ class Editor:
                 self._check_finite(Y, layer, "update")
                 self._check_finite(R, layer, "residual")
                 apply_update_(W, R.to(W.device), Y, self.adapter.transposed)
-            keys_used[layer] = K
+            keys_used[layer] = K_hist
             if not torch.isfinite(W).all():
                 raise EditError(f"layer {layer}: the update made the weight non-finite")
             timing["apply"] += time.perf_counter() - t0

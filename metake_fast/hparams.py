@@ -103,11 +103,19 @@ class AlphaEditHParams(EditHParams):
     history_scale: μ, the weight of the earlier edits' term in the solver's objective,
         ``‖ΔW K − R‖² + μ‖ΔW K_p‖² + λ_a‖ΔW‖²`` over the null space (1 = AlphaEdit as published;
         larger keeps a sequential run's earlier edits more and realises less of each new batch).
+    history_keys: which keys of a finished batch join the earlier edits' term ``K_p``:
+        ``"mean"`` (AlphaEdit as published: each request's write key, the weighted mean of its
+        context-template prompts' keys) or ``"contexts"`` (each of those prompts' own keys, each
+        scaled by the square root of its template weight, so a request adds the mean over its
+        prompts of ``k_t k_tᵀ``: its mean key's ``k̄k̄ᵀ`` plus the spread of its keys across
+        contexts). Later writes then also keep the earlier edits' outputs on keys that differ
+        from the mean key, as a paraphrase's does. The write itself is unchanged (mean keys).
     """
 
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
     history_scale: float = 1.0
+    history_keys: str = "mean"
     method = "alphaedit"
 
 
@@ -240,6 +248,7 @@ _CHOICES = {
     "gate": ("full", "diag"),
     "gate_layers": ("last", "product", "spread"),
     "gate_keys": ("mean", "instance"),
+    "history_keys": ("mean", "contexts"),
     "base_solver": ("alphaedit", "memit"),
 }
 _POSITIVE = {
@@ -387,6 +396,8 @@ def validate_hparams(hp: EditHParams, *, num_layers: int | None = None) -> EditH
         raise HParamsError("hparams field 'history_weight' needs base_solver 'alphaedit' (MEMIT keeps no history)")
     if getattr(hp, "history_scale", 1.0) != 1.0 and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
         raise HParamsError("hparams field 'history_scale' needs base_solver 'alphaedit' (MEMIT keeps no history)")
+    if getattr(hp, "history_keys", "mean") != "mean" and getattr(hp, "base_solver", "alphaedit") != "alphaedit":
+        raise HParamsError("hparams field 'history_keys' needs base_solver 'alphaedit' (MEMIT keeps no history)")
     if hp.method == "rome" and len(hp.layers) > 1:
         raise HParamsError(f"ROME edits one layer; got layers {hp.layers}")
     return hp

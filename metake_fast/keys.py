@@ -105,3 +105,26 @@ def keys_and_residual(
             sel = is_bare[sl]
             H[own[sl][sel]] = got["h"][sel]
     return (K.T.contiguous().to(dev) if K is not None else None, H.T.contiguous().to(dev) if H is not None else None)
+
+
+def instance_weights(templates: list[list[str]]) -> torch.Tensor:
+    """(n,) float64 weight of each prompt of one request in its mean key, in the flattened
+    template order of :func:`_layout` (template groups weighted equally; sums to 1)."""
+    return torch.tensor(
+        [1.0 / (len(templates) * len(group)) for group in templates for _ in group], dtype=torch.float64
+    )
+
+
+def instance_keys_mean_and_history(K_all: torch.Tensor, templates: list[list[str]], u: int):
+    """From every prompt's own key (``keys_and_residual(..., per_instance=True)``: (d_k, u·n),
+    request-major) the write's mean keys ``K`` (d_k, u) and the history columns ``K_h`` (d_k, u·n),
+    each prompt's key times the square root of its weight, so that ``K_h K_hᵀ`` is the sum over
+    requests of the weighted mean of ``k_t k_tᵀ`` (``K Kᵀ`` plus the keys' spread across contexts)."""
+    w = instance_weights(templates)
+    n = w.numel()
+    if K_all.dim() != 2 or K_all.shape[1] != u * n:
+        raise ValueError(f"expected per-prompt keys (d_k, {u}·{n}), got {tuple(K_all.shape)}")
+    wd = w.to(device=K_all.device, dtype=K_all.dtype)
+    K = (K_all.reshape(K_all.shape[0], u, n) * wd).sum(-1)
+    K_h = K_all * wd.sqrt().repeat(u)
+    return K, K_h
