@@ -114,3 +114,14 @@ def save_tiny(path: str | Path, arch: str = "llama", layers: int = 4, seed: int 
     tiny_model(arch, layers, seed).save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+#: six edit requests with distinct subjects (sequential-run tests)
+SAMPLE_REQUESTS = [
+    {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"},
+    {"prompt": "Bob Smith works for", "subject": "Bob Smith", "target_new": "Google", "target_true": "Apple"},
+    {"prompt": "The river Nile flows into", "subject": "river Nile", "target_new": "the Baltic", "target_true": "Egypt"},
+    {"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano", "target_true": "guitar"},
+    {"prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English", "target_true": "French"},
+    {"prompt": "Michel Rocard was born in", "subject": "Michel Rocard", "target_new": "Tokyo", "target_true": "Paris"},
+]  # fmt: skip

@@ -8,20 +8,13 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from _tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from _tiny import SAMPLE_REQUESTS, tiny_model, tiny_tokenizer  # noqa: E402
 
 from metake_fast.editor import Editor  # noqa: E402
 
 HP = {"v_num_grad_steps": 4, "stats_tokens": 1500, "stats_max_length": 48, "context_template_count": 1,
       "context_template_length": 3, "layers": [1, 2]}  # fmt: skip
-REQS = [
-    {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"},
-    {"prompt": "Bob Smith works for", "subject": "Bob Smith", "target_new": "Google", "target_true": "Apple"},
-    {"prompt": "The river Nile flows into", "subject": "river Nile", "target_new": "the Baltic", "target_true": "Egypt"},
-    {"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano", "target_true": "guitar"},
-    {"prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English", "target_true": "French"},
-    {"prompt": "Michel Rocard was born in", "subject": "Michel Rocard", "target_new": "Tokyo", "target_true": "Paris"},
-]  # fmt: skip
+REQS = SAMPLE_REQUESTS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
