@@ -110,6 +110,7 @@ class AlphaEditHParams(EditHParams):
         prompts of ``k_t k_tᵀ``: its mean key's ``k̄k̄ᵀ`` plus the spread of its keys across
         contexts). Later writes then also keep the earlier edits' outputs on keys that differ
         from the mean key, as a paraphrase's does. The write itself is unchanged (mean keys).
+        Measured worse on SmolLM2 after 1,000 CounterFact edits (docs/RESULTS.md, session 22).
     """
 
     nullspace_threshold: float = 2e-2
