@@ -14,17 +14,17 @@ from .runner import _StopForward, make_batch, model_device, pad_id, subject_last
 
 def _layout(tok, requests: Sequence[EditRequest], templates: list[list[str]]):
     seqs, cols, weights, owner, bare = [], [], [], [], []
-    ngroups = len(templates)
+    prompt_weights = instance_weights(templates).tolist()
+    flat = [ctx for group in templates for ctx in group]
     for i, req in enumerate(requests):
-        for g, group in enumerate(templates):
-            for c, ctx in enumerate(group):
-                ids, idx = subject_last_index(tok, ctx.replace("{}", req.template(), 1), req.subject)
-                if g == 0 and c == 0:
-                    bare.append(len(seqs))
-                seqs.append(ids)
-                cols.append(idx)
-                weights.append(1.0 / (ngroups * len(group)))
-                owner.append(i)
+        for t, ctx in enumerate(flat):
+            ids, idx = subject_last_index(tok, ctx.replace("{}", req.template(), 1), req.subject)
+            if t == 0:
+                bare.append(len(seqs))
+            seqs.append(ids)
+            cols.append(idx)
+            weights.append(prompt_weights[t])
+            owner.append(i)
     return seqs, cols, weights, owner, bare
 
 

@@ -81,8 +81,7 @@ def test_context_history_keeps_the_write_and_stores_the_context_gram(tmp_path, m
     assert s.rank > 0
     U0 = s.U0.double()
     n = w.numel()
-    Kh = K_all * w.sqrt().repeat(len(reqs))
-    K_bar = (K_all.reshape(K_all.shape[0], len(reqs), n) * w).sum(-1)
+    K_bar, Kh = instance_keys_mean_and_history(K_all, templates, len(reqs))  # fp64; checked by the test above
     eye = torch.eye(s.rank, dtype=torch.float64)
     want_ctx = s.lam * eye + U0.T @ Kh @ Kh.T @ U0
     want_mean = s.lam * eye + U0.T @ K_bar @ K_bar.T @ U0
@@ -104,9 +103,9 @@ def test_next_write_moves_the_earlier_context_keys_less(tmp_path):
     mean, ctx = _editor(tmp_path, L2=1e-4), _editor(tmp_path, L2=1e-4, history_keys="contexts")
     layer = ctx.layers[0]
     first = validate_requests(REQS[:3])
-    K_all, w, _ = _instance_keys(ctx, first, layer)
+    K_all, w, templates = _instance_keys(ctx, first, layer)
     n = w.numel()
-    K_bar = (K_all.reshape(K_all.shape[0], len(first), n) * w).sum(-1)
+    K_bar, _ = instance_keys_mean_and_history(K_all, templates, len(first))
     D = (K_all.reshape(K_all.shape[0], len(first), n) - K_bar[:, :, None]) * w.sqrt()
     D = D.reshape(K_all.shape[0], -1)
     spread = {}
