@@ -167,7 +167,8 @@ class MetaKEHParams(AlphaEditHParams):
         write's keys stay the target loop's. With ``gate_keys: instance``
         each extra prompt sees the share the write realises on its own key: F then asks the
         refined targets to hold in contexts the lower level never optimised for, which is what
-        a paraphrase prompt is.
+        a paraphrase prompt is. Measured at N = 1000 on SmolLM2-135M (docs/RESULTS.md, session
+        23): paraphrases gain, but specificity falls 2.9 points below AlphaEdit's, so it is off.
     outer_extra_weight: each extra prompt's weight in F relative to one of the target loop's
         prompts (a request's weights are then normalised to sum 1). 1 (default) weighs every
         prompt alike, so ten extras beside six own prompts hold 10/16 of F; 0.2 gives them a
