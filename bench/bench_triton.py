@@ -98,8 +98,10 @@ def cases(shape_name: str, dims: tuple[int, int, int], device, tokens: int, rows
         target_logprob_backward_reference,
         target_logprob_reference,
     )
+    from metake_fast.ops.triton_registry import load_launchers
 
-    launch = kernels.load_launchers()
+    assert kernels.__name__ == "metake_fast.kernels"
+    launch = load_launchers()
     d_k, d_v, V = dims
     bf16 = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)

@@ -74,3 +74,37 @@ print(json.dumps({"ok": True, "C_loaded": "metake_fast._C" in __import__("sys").
 """
     res = _run_py(code, METAKE_FAST_REFERENCE="1")
     assert res == {"ok": True, "C_loaded": False}
+
+
+def test_source_kernels_dir_does_not_shadow_hub_kernels():
+    """Python started in the checkout (its root first on ``sys.path``) must not take ``kernels/`` for ``kernels``.
+
+    transformers >= 5.25 imports the Hugging Face ``kernels`` distribution; a regular
+    package named ``kernels`` at the repository root used to shadow it and broke every
+    model import run from the root (``python -m pytest`` there puts the root first).
+    """
+    code = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "origin = None if spec is None else spec.origin\n"
+        "locs = [] if spec is None else list(spec.submodule_search_locations or [])\n"
+        "import transformers, transformers.modeling_utils\n"
+        "from metake_fast.ops.backends import kernels_package\n"
+        "m = kernels_package()\n"
+        "print(json.dumps({'origin': origin, 'locs': locs, 'ours': list(m.__path__), 'name': m.__name__}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    ours = os.path.join(ROOT, "kernels")
+    assert not os.path.exists(os.path.join(ours, "__init__.py"))
+    assert res["origin"] is None or not res["origin"].startswith(ours + os.sep), res  # a hub package, or nothing
+    assert res["name"] == "metake_fast.kernels"
+    assert any(os.path.isfile(os.path.join(p, "apply_update.py")) for p in res["ours"]), res

@@ -71,9 +71,9 @@ def test_backends_resolved():
         if have_triton:
             assert rows[name]["cuda"] != "reference (PyTorch)", (name, rows[name])
     if have_triton:
-        from metake_fast.ops.backends import kernels_package
+        from metake_fast.ops.triton_registry import OVERRIDE_EXTENSION
 
-        for name in kernels_package().OVERRIDE_EXTENSION:
+        for name in OVERRIDE_EXTENSION:
             assert rows[name]["cuda"] == "Triton", (name, rows[name])
 
 
@@ -86,13 +86,9 @@ def extension_only():
         pytest.skip("C++ extension not built")
     if not _C.with_cuda:
         pytest.skip("C++ extension built without CUDA")
-    from metake_fast.ops.backends import kernels_package
+    from metake_fast.ops import triton_registry as k
 
-    try:
-        k = kernels_package()
-    except ImportError:
-        k = None
-    lib = None if k is None else k._LIB
+    lib = k._LIB
     if lib is not None:
         lib._destroy()
         k._LIB = None

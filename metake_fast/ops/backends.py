@@ -20,36 +20,35 @@ _STATE = {"loaded": False, "cpp": None, "triton": None}
 
 
 def kernels_package():
-    """``metake_fast.kernels`` (importing it never imports Triton).
+    """``metake_fast.kernels``, the Triton kernel modules (importing it never imports Triton).
 
-    Installed, it is a subpackage. In a source checkout used in place
-    (``PYTHONPATH=.`` after ``setup.py build_ext --inplace``) it lives in the
-    top-level ``kernels/`` beside the package; it is loaded from there under the
-    same name, so the CUDA key gets the Triton kernels either way.
+    Installed, it is a subpackage (an implicit namespace package: the source
+    directory ``kernels/`` has no ``__init__.py``, see :mod:`.triton_registry`).
+    In a source checkout used in place (``PYTHONPATH=.`` after
+    ``setup.py build_ext --inplace``) it is the top-level ``kernels/`` directory,
+    loaded under the same name, so the CUDA key gets the Triton kernels either way.
     """
     import importlib
+    import importlib.machinery
     import importlib.util
     import sys
     from pathlib import Path
 
+    name = "metake_fast.kernels"
     try:
-        return importlib.import_module("metake_fast.kernels")
+        mod = importlib.import_module(name)
+        if list(getattr(mod, "__path__", [])):
+            return mod
     except ModuleNotFoundError as exc:
-        if exc.name != "metake_fast.kernels":
+        if exc.name != name:
             raise
     src = Path(__file__).resolve().parents[2] / "kernels"
-    if not (src / "__init__.py").is_file():
-        raise ModuleNotFoundError("metake_fast.kernels is not installed and no source tree kernels/ was found")
-    spec = importlib.util.spec_from_file_location(
-        "metake_fast.kernels", src / "__init__.py", submodule_search_locations=[str(src)]
-    )
+    if not (src / "_common.py").is_file():
+        raise ModuleNotFoundError(f"{name} is not installed and no source tree kernels/ was found")
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(src)]
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["metake_fast.kernels"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop("metake_fast.kernels", None)
-        raise
+    sys.modules[name] = mod
     import metake_fast
 
     metake_fast.kernels = mod
@@ -73,7 +72,9 @@ def load_backends() -> dict:
         _STATE["cpp"] = f"not built ({exc})"
     if torch.version.cuda is not None:
         try:
-            kernels_package().register_triton_kernels()
+            from .triton_registry import register_triton_kernels
+
+            register_triton_kernels()
             _STATE["triton"] = "registered for CUDA"
         except Exception as exc:  # triton missing or too old: keep the other kernels
             _STATE["triton"] = f"unavailable ({type(exc).__name__}: {exc})"

@@ -1,10 +1,17 @@
-"""Triton kernels (installed as ``metake_fast.kernels``).
+"""Which Triton kernels exist, and their registration for the ``CUDA`` dispatch key.
 
-Importing this package never imports Triton; kernels are loaded lazily by
-:func:`register_triton_kernels` (CUDA) or directly by tests under
-``TRITON_INTERPRET=1`` (CPU).
+The kernels live in the top-level ``kernels/`` directory, installed as
+``metake_fast.kernels``. That directory deliberately has no ``__init__.py``:
+a regular package named ``kernels`` at the repository root would shadow the
+Hugging Face ``kernels`` distribution (which transformers >= 5.25 imports)
+whenever Python runs with the checkout's root on ``sys.path``. As an implicit
+namespace package it never wins over an installed regular package.
 
-Modules (each imports Triton)
+Importing this module never imports Triton; :func:`register_triton_kernels`
+(called by :func:`metake_fast.ops.backends.load_backends` when torch has CUDA)
+does, and tests load the kernel modules directly under ``TRITON_INTERPRET=1``.
+
+Kernel modules (each imports Triton)
     ``second_moment_accumulate``  ``S += X[mask]ᵀ X[mask]`` (lower-triangle tiles, mirrored)
     ``apply_update``              ``W += R Yᵀ`` in place, both orientations
     ``fused_target_logprob``      target log-prob with online log-sum-exp, and its backward
@@ -13,7 +20,7 @@ Modules (each imports Triton)
 
 from __future__ import annotations
 
-#: op name -> (kernel module, launcher) registered for CUDA
+#: op name -> (kernel module in ``metake_fast.kernels``, launcher) registered for CUDA
 TRITON_OPS: dict[str, tuple[str, str]] = {
     "second_moment_accumulate": ("second_moment_accumulate", "second_moment_accumulate"),
     "apply_update_": ("apply_update", "apply_update_"),
@@ -37,9 +44,12 @@ def load_launchers() -> dict:
     """``{op name: host launcher}`` (imports Triton and the kernel modules)."""
     import importlib
 
+    from .backends import kernels_package
+
+    pkg = kernels_package().__name__
     out = {}
     for name, (module, fn) in TRITON_OPS.items():
-        out[name] = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+        out[name] = getattr(importlib.import_module(f"{pkg}.{module}"), fn)
     return out
 
 
@@ -59,7 +69,8 @@ def register_triton_kernels() -> None:
     import torch
 
     import metake_fast.ops  # noqa: F401  (declares the ops)
-    from metake_fast.ops.registry import NAMESPACE, _has_kernel, register_provider
+
+    from .registry import NAMESPACE, _has_kernel, register_provider
 
     launchers = load_launchers()
     lib = torch.library.Library(NAMESPACE, "IMPL")
