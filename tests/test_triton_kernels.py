@@ -272,7 +272,7 @@ def test_import_does_not_load_triton():
         "import sys\n"
         "import metake_fast\n"
         "from metake_fast.ops.backends import kernels_package\n"
-        "from metake_fast.ops.triton_registry import TRITON_OPS, load_launchers\n"
+        "from metake_fast.ops.triton_registry import TRITON_OPS\n"
         "m = kernels_package()\n"
         "assert set(TRITON_OPS) >= {'apply_update_', 'fused_target_logprob'}, TRITON_OPS\n"
         "assert sys.modules['metake_fast.kernels'] is m and metake_fast.kernels is m\n"

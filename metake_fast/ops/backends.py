@@ -36,9 +36,7 @@ def kernels_package():
 
     name = "metake_fast.kernels"
     try:
-        mod = importlib.import_module(name)
-        if list(getattr(mod, "__path__", [])):
-            return mod
+        return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name != name:
             raise
