@@ -22,6 +22,13 @@ pools them with a random-effects model, whose between-pair variance ``τ²`` abs
 
 Each side may pool slices as in compare_runs (``A.json+B.json``). With one pair there is no
 ``τ²`` to estimate, and the table says so.
+
+Planning (column "pairs to show it"): if the pooled estimate were the true difference, how many
+pairs like these would it take before the interval is expected to leave zero out? Each new pair
+is taken to have the mean within-pair variance ``v̄`` of the pairs given and the same ``τ²``, so
+``k`` of them give an interval of half-width about ``t_{k−1} · sqrt((v̄ + τ²)/k)``; the answer
+is the smallest ``k`` where that is below ``|d_RE|``. At that ``k`` the odds of an interval that
+excludes zero are about even, not 95 %: it is the fewest pairs worth planning for, not a promise.
 """
 
 from __future__ import annotations
@@ -82,6 +89,18 @@ def random_effects(d: np.ndarray, v: np.ndarray) -> dict:
     return {**out, "q": q, "tau2": tau2, "random": d_re, "ci95": [d_re - half, d_re + half]}
 
 
+def pairs_to_show(d: float, v_mean: float, tau2: float, k_max: int = 1000) -> int | None:
+    """The fewest pairs ``k ≥ 2`` with ``t_{k−1} · sqrt((v_mean + tau2)/k) < |d|`` (see the module
+    docstring); None if ``d`` is 0 or more than ``k_max`` pairs would be needed."""
+    if v_mean <= 0 or tau2 < 0:
+        raise ValueError("the within-pair variance must be positive and τ² not negative")
+    s2 = v_mean + tau2
+    for k in range(2, k_max + 1):
+        if t975(k - 1) * math.sqrt(s2 / k) < abs(d):
+            return k
+    return None
+
+
 def pool_pairs(pairs: list[tuple[dict, dict]]) -> dict:
     """Per metric: each pair's difference and variance, and their random-effects pool."""
     out = {}
@@ -98,26 +117,36 @@ def pool_pairs(pairs: list[tuple[dict, dict]]) -> dict:
             vs.append(var)
             per.append({"base": base["label"], "other": other["label"], "n": len(x), "diff": ds[-1],
                         "se": math.sqrt(var)})  # fmt: skip
-        out[m] = {"pairs": per, **random_effects(np.array(ds), np.array(vs))} if ds else None
+        if not ds:
+            out[m] = None
+            continue
+        r = random_effects(np.array(ds), np.array(vs))
+        if r["tau2"] is not None:
+            r["pairs_to_show"] = pairs_to_show(r["random"], float(np.mean(vs)), r["tau2"])
+        out[m] = {"pairs": per, **r}
     return out
 
 
 def table(pooled: dict) -> str:
     lines = [
-        "| metric | pairs: diff each (points) | fixed effect | τ (points) | random effects | 95 % interval (HKSJ) |",
-        "|---|---|---|---|---|---|",
+        "| metric | pairs: diff each (points) | fixed effect | τ (points) | random effects | 95 % interval (HKSJ) "
+        "| pairs to show it |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, r in pooled.items():
         if r is None:
-            lines.append(f"| {metric_label(m)} | – | – | – | – | – |")
+            lines.append(f"| {metric_label(m)} | – | – | – | – | – | – |")
             continue
         each = ", ".join(f"{p['diff']:+.2f}" for p in r["pairs"])
         tau = "–" if r["tau2"] is None else f"{math.sqrt(r['tau2']):.2f}"
         ci = (
             "one pair: no between-pair variance" if r["ci95"] is None else f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
         )
+        need = r.get("pairs_to_show")
+        need = "–" if r["tau2"] is None else (f"{need}" if need is not None else "> 1000")
         lines.append(
-            f"| {metric_label(m)} | {each} | {r['fixed']:+.2f} ± {1.96 * r['fixed_se']:.2f} | {tau} | {r['random']:+.2f} | {ci} |"
+            f"| {metric_label(m)} | {each} | {r['fixed']:+.2f} ± {1.96 * r['fixed_se']:.2f} | {tau} "
+            f"| {r['random']:+.2f} | {ci} | {need} |"
         )
     return "\n".join(lines)
 

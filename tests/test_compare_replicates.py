@@ -63,6 +63,39 @@ def test_tau2_and_coverage_by_simulation():
     assert 0.93 <= hits / reps <= 0.995
 
 
+def test_pairs_to_show_by_hand():
+    # τ² = 0, v̄ = 1: two pairs suffice once t_1 · sqrt(1/2) = 8.984 < |d|; at d = 8.9 three are
+    # needed (t_2 · sqrt(1/3) = 2.484)
+    assert cr.pairs_to_show(9.0, 1.0, 0.0) == 2 and cr.pairs_to_show(-9.0, 1.0, 0.0) == 2
+    assert cr.pairs_to_show(8.9, 1.0, 0.0) == 3
+    # |d| = 1 with v̄ + τ² = 2 (split either way): needs t_{k−1}² · 2 < k; k = 10: 2.262² · 2 = 10.23,
+    # not below 10; k = 11: 2.228² · 2 = 9.93 < 11
+    assert cr.pairs_to_show(1.0, 1.0, 1.0) == cr.pairs_to_show(1.0, 2.0, 0.0) == 11
+    assert cr.pairs_to_show(0.0, 1.0, 0.0) is None and cr.pairs_to_show(0.01, 1.0, 1.0, k_max=50) is None
+    with pytest.raises(ValueError):
+        cr.pairs_to_show(1.0, 0.0, 0.0)
+
+
+def test_pairs_to_show_gives_even_odds_by_simulation():
+    # Draw k pairs around a true difference with the given noise and pool them as the script does:
+    # at the projected k about half the intervals leave zero out, at a third of it few, at three
+    # times it nearly all.
+    rng = np.random.default_rng(3)
+    delta, v, tau2 = 0.9, 1.3, 0.8
+    k = cr.pairs_to_show(delta, v, tau2)
+
+    def power(n, reps=600):
+        hits = 0
+        for _ in range(reps):
+            d = delta + rng.normal(0, math.sqrt(tau2), n) + rng.normal(0, math.sqrt(v), n)
+            hits += cr.random_effects(d, np.full(n, v))["ci95"][0] > 0
+        return hits / reps
+
+    assert 0.38 <= power(k) <= 0.65
+    assert power(max(2, k // 3)) < 0.25
+    assert power(3 * k) > 0.9
+
+
 def test_t_quantiles():
     assert cr.t975(1) == 12.706 and cr.t975(30) == 2.042
     assert abs(cr.t975(31) - 2.0395) < 2e-3 and abs(cr.t975(120) - 1.9799) < 1e-3
@@ -98,4 +131,6 @@ def test_on_the_shipped_runs(tmp_path):
             assert 1.96 * p["se"] == pytest.approx((hi - lo) / 2, rel=0.15)  # bootstrap ≈ normal interval
     g = pooled["generalization"]
     assert g["ci95"][0] < g["random"] < g["ci95"][1]
+    v_mean = float(np.mean([p["se"] ** 2 for p in g["pairs"]]))
+    assert g["pairs_to_show"] == cr.pairs_to_show(g["random"], v_mean, g["tau2"])
     assert g["ci95"][1] - g["ci95"][0] > 2 * 1.96 * g["fixed_se"]  # run noise widens the interval
