@@ -89,7 +89,11 @@ def random_effects(d: np.ndarray, v: np.ndarray) -> dict:
     return {**out, "q": q, "tau2": tau2, "random": d_re, "ci95": [d_re - half, d_re + half]}
 
 
-def pairs_to_show(d: float, v_mean: float, tau2: float, k_max: int = 1000) -> int | None:
+#: the most pairs "pairs to show it" looks for
+PLAN_MAX_PAIRS = 1000
+
+
+def pairs_to_show(d: float, v_mean: float, tau2: float, k_max: int = PLAN_MAX_PAIRS) -> int | None:
     """The fewest pairs ``k ≥ 2`` with ``t_{k−1} · sqrt((v_mean + tau2)/k) < |d|`` (see the module
     docstring); None if ``d`` is 0 or more than ``k_max`` pairs would be needed."""
     if v_mean <= 0 or tau2 < 0:
@@ -142,8 +146,10 @@ def table(pooled: dict) -> str:
         ci = (
             "one pair: no between-pair variance" if r["ci95"] is None else f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
         )
-        need = r.get("pairs_to_show")
-        need = "–" if r["tau2"] is None else (f"{need}" if need is not None else "> 1000")
+        if r["tau2"] is None:
+            need = "–"
+        else:
+            need = str(r["pairs_to_show"]) if r["pairs_to_show"] is not None else f"> {PLAN_MAX_PAIRS}"
         lines.append(
             f"| {metric_label(m)} | {each} | {r['fixed']:+.2f} ± {1.96 * r['fixed_se']:.2f} | {tau} "
             f"| {r['random']:+.2f} | {ci} | {need} |"
