@@ -23,6 +23,12 @@ pools them with a random-effects model, whose between-pair variance ``τ²`` abs
 Each side may pool slices as in compare_runs (``A.json+B.json``). With one pair there is no
 ``τ²`` to estimate, and the table says so.
 
+``--edits START:END`` keeps only the edits at positions START … END−1 of each run's edit order
+(the records' ``index``; for a pooled side, of each of its runs). In a sequential run the early
+edits go through every later write and the late ones through few, so ``--edits 0:500`` and
+``--edits 500:1000`` pool the two halves of 1,000-edit runs separately (``results_by_batch.py``
+gives one run's halves; this pools them over pairs, with the same interval).
+
 Planning (column "pairs to show it"): if the pooled estimate were the true difference, how many
 pairs like these would it take before the interval is expected to leave zero out? Each new pair
 is taken to have the mean within-pair variance ``v̄`` of the pairs given and the same ``τ²``, so
@@ -105,6 +111,31 @@ def pairs_to_show(d: float, v_mean: float, tau2: float, k_max: int = PLAN_MAX_PA
     return None
 
 
+def select_edits(run: dict, start: int, end: int) -> dict:
+    """``run`` restricted to the cases whose edit position ``index`` is in ``[start, end)``."""
+    keep = [i for i, j in enumerate(run["index"]) if start <= j < end]
+    if not keep:
+        raise ValueError(f"{run['results']}: no edits at positions {start}:{end} (it has {len(run['index'])})")
+    return {
+        **run,
+        "label": f"{run['label']} [edits {start}:{end}]",
+        "case_ids": [run["case_ids"][i] for i in keep],
+        "index": [run["index"][i] for i in keep],
+        "post": {m: [v[i] for i in keep] for m, v in run["post"].items()},
+    }
+
+
+def parse_edits(spec: str) -> tuple[int, int]:
+    """``"START:END"`` → ``(START, END)``, with ``0 ≤ START < END``."""
+    try:
+        a, b = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--edits {spec!r}: give START:END, two whole numbers, e.g. 500:1000") from None
+    if not 0 <= a < b:
+        raise ValueError(f"--edits {spec!r}: need 0 <= START < END")
+    return a, b
+
+
 def pool_pairs(pairs: list[tuple[dict, dict]]) -> dict:
     """Per metric: each pair's difference and variance, and their random-effects pool."""
     out = {}
@@ -161,14 +192,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pairs", nargs="+", help="BASE.json:OTHER.json, one per pair of runs on the same cases")
     ap.add_argument("--out", help="also write the pooled comparison as JSON here")
+    ap.add_argument(
+        "--edits", metavar="START:END", help="only the edits at these positions of each run (e.g. 500:1000)"
+    )
     args = ap.parse_args(argv)
     try:
+        edits = parse_edits(args.edits) if args.edits else None
         pairs = []
         for spec in args.pairs:
             if spec.count(":") != 1:
                 raise ValueError(f"{spec!r}: give BASE.json:OTHER.json")
             a, b = spec.split(":")
-            pairs.append((load_pooled(a), load_pooled(b)))
+            base, other = load_pooled(a), load_pooled(b)
+            if edits is not None:
+                base, other = select_edits(base, *edits), select_edits(other, *edits)
+            pairs.append((base, other))
         pooled = pool_pairs(pairs)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -179,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(pooled))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"pairs": [[a["label"], b["label"]] for a, b in pairs], "metrics": pooled}, f, indent=1)
+            doc = {"pairs": [[a["label"], b["label"]] for a, b in pairs], "edits": list(edits) if edits else None}
+            json.dump({**doc, "metrics": pooled}, f, indent=1)
     return 0
 
 

@@ -46,11 +46,13 @@ def metric_label(m: str) -> str:
 
 
 def load_cases(results_path: str) -> dict:
-    """``{"label", "case_ids", "post": {metric: [value or None per case]}}`` of one run."""
+    """``{"label", "case_ids", "index", "post": {metric: [value or None per case]}}`` of one run
+    (``index``: each case's position in the run's edit order)."""
     res, records = load_run(results_path)
-    ids, post = [], {m: [] for m in ALL_METRICS}
+    ids, index, post = [], [], {m: [] for m in ALL_METRICS}
     for r in records:
         ids.append(r.get("case_id", r["index"]))
+        index.append(int(r["index"]))
         for m in METRICS:
             v = r["post"].get(m)
             post[m].append(None if v is None else float(v))
@@ -61,7 +63,7 @@ def load_cases(results_path: str) -> dict:
             post[m].append(v)
     name = os.path.splitext(os.path.basename(results_path))[0]
     label = name + (f" ({res['commit']})" if res.get("commit") else "")
-    return {"label": label, "results": results_path, "case_ids": ids, "post": post}
+    return {"label": label, "results": results_path, "case_ids": ids, "index": index, "post": post}
 
 
 def pool_cases(parts: list[dict]) -> dict:
@@ -72,6 +74,7 @@ def pool_cases(parts: list[dict]) -> dict:
         "label": " + ".join(p["label"] for p in parts),
         "results": "+".join(p["results"] for p in parts),
         "case_ids": [f"{i}:{c}" for i, p in enumerate(parts) for c in p["case_ids"]],
+        "index": [j for p in parts for j in p["index"]],
         "post": {m: [v for p in parts for v in p["post"][m]] for m in parts[0]["post"]},
     }
 

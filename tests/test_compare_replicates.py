@@ -134,3 +134,35 @@ def test_on_the_shipped_runs(tmp_path):
     v_mean = float(np.mean([p["se"] ** 2 for p in g["pairs"]]))
     assert g["pairs_to_show"] == cr.pairs_to_show(g["random"], v_mean, g["tau2"])
     assert g["ci95"][1] - g["ci95"][0] > 2 * 1.96 * g["fixed_se"]  # run noise widens the interval
+
+
+def test_edits_range_is_each_runs_half(tmp_path):
+    # --edits 500:1000 pools the second halves: each pair's difference is the difference of the
+    # two runs' second-half scores as results_by_batch (its own code path) gives them
+    import results_by_batch
+
+    pairs = [
+        (RES / "cf_n1000_b100_alphaedit_steps50.json", RES / "cf_n1000_b100_metake_steps50.json"),
+        (RES / "cf6k_n1000_b100_alphaedit_steps50.json", RES / "cf6k_n1000_b100_metake_steps50.json"),
+    ]
+    for rng, half in (("0:500", "first"), ("500:1000", "second")):
+        out = tmp_path / f"pooled_{half}.json"
+        assert cr.main([f"{a}:{b}" for a, b in pairs] + ["--edits", rng, "--out", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["edits"] == [int(x) for x in rng.split(":")]
+        for i, (a, b) in enumerate(pairs):
+            ha, hb = (results_by_batch.halves(results_by_batch.by_batch(str(p)))[half] for p in (a, b))
+            for m in ("generalization", "specificity"):
+                p = doc["metrics"][m]["pairs"][i]
+                assert p["n"] == 500 == ha["n"] == hb["n"]
+                assert p["diff"] == pytest.approx(hb[m] - ha[m], abs=1e-9)
+    # the whole range is the unrestricted pool
+    whole, full = tmp_path / "whole.json", tmp_path / "full.json"
+    assert cr.main([f"{a}:{b}" for a, b in pairs] + ["--edits", "0:1000", "--out", str(whole)]) == 0
+    assert cr.main([f"{a}:{b}" for a, b in pairs] + ["--out", str(full)]) == 0
+    w, f = json.loads(whole.read_text())["metrics"], json.loads(full.read_text())["metrics"]
+    assert w["generalization"]["random"] == pytest.approx(f["generalization"]["random"], abs=1e-12)
+    # bad ranges are a clear error, not a traceback
+    a, b = pairs[0]
+    for bad in ("500", "a:b", "600:500", "-1:5", "2000:3000"):
+        assert cr.main([f"{a}:{b}", f"--edits={bad}"]) == 2
