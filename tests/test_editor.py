@@ -343,6 +343,16 @@ def test_example_hparams_are_variants_of_the_shipped_file(path):
     assert hparams_differences(to_dict(shipped), hp)
 
 
+def test_eta15_example_is_the_50_step_file_with_history_weight_only():
+    # The eta = 15 file is a copy of the 50-step file for runs that take files (gpu_evaluate.sh);
+    # its header says it equals `--hparams metake_smollm2_steps50.yaml --set history_weight=15`.
+    base = EXAMPLE_HPARAMS[0].parent / "metake_smollm2_steps50.yaml"
+    eta = load_hparams("metake", path=base.with_name("metake_smollm2_steps50_eta15.yaml"))
+    steps50 = load_hparams("metake", path=base)
+    assert [d.split(":")[0] for d in hparams_differences(to_dict(steps50), eta)] == ["history_weight"]
+    assert eta.history_weight == 15.0
+
+
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_default_layers_on_two_layer_model(cache, method):
     ed = make_editor(cache, method, layers="default", num_layers=2)
